@@ -1,0 +1,155 @@
+"""`internvit` command line: thin subcommands that dispatch to library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from internvit.errors import InternViTError
+
+log = logging.getLogger("internvit")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the package logger once (rank-aware handlers arrive with the training engine)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """A Markdown table (readable in a terminal and pasteable into docs)."""
+    headers = list(rows[0])
+    widths = [max(len(str(h)), *(len(str(r[h])) for r in rows)) for h in headers]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(headers), line("-" * w for w in widths), *(line(r.values()) for r in rows)])
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from internvit.model import PRESETS, InternViT, count_flops, count_params
+    from internvit.weights.tags import DEFAULT_TAGS, TAGS
+
+    if args.tags:
+        rows = [
+            {
+                "tag": t.name,
+                "preset": t.preset,
+                "source": t.hub_id + (f"/{t.filename}" if t.filename else ""),
+                "img_size": t.img_size,
+                "mean": t.mean,
+                "std": t.std,
+            }
+            for t in TAGS.values()
+        ]
+    else:
+        rows = []
+        for name, cfg in PRESETS.items():
+            with torch.device("meta"):
+                params = count_params(InternViT(cfg))
+            rows.append(
+                {
+                    "preset": name,
+                    "depth": cfg.depth,
+                    "width": cfg.embed_dim,
+                    "heads": cfg.num_heads,
+                    "norm": cfg.norm_type,
+                    "img_size": cfg.img_size,
+                    "params": f"{params:,}",
+                    "GFLOPs/img": f"{count_flops(cfg) / 1e9:.5g}",
+                    "default tag": DEFAULT_TAGS.get(name, "-"),
+                }
+            )
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from internvit.weights import convert_checkpoint
+
+    start = time.perf_counter()
+    meta = convert_checkpoint(
+        args.src, args.dst, preset=args.preset, dtype=DTYPES.get(args.dtype), overwrite=args.force
+    )
+    print(
+        f"wrote {args.dst} (preset {meta['preset']}, from {meta['source_layout']} layout, "
+        f"sha256 {meta['content_sha256'][:16]}..., {time.perf_counter() - start:.1f}s)"
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from internvit.weights import inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    info["bytes_on_disk"] = f"{info['bytes_on_disk']:,}"
+    info["num_backbone_params"] = f"{info['num_backbone_params']:,}"
+    info["set_aside"] = f"{len(info['set_aside'])} key(s)" + (
+        f", e.g. {info['set_aside'][0]}" if info["set_aside"] else ""
+    )
+    for key, value in info.items():
+        print(f"{key:>20}: {value}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from internvit.demo import run_demo
+
+    summary = run_demo(out_dir=args.out, seed=args.seed)
+    print(format_table([{"item": k, "value": v} for k, v in summary.items()]))
+    print(f"saved {args.out}/summary.json and {args.out}/features.safetensors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="internvit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list presets with parameter counts and GFLOPs (or --tags: released weights)")
+    p.add_argument("--tags", action="store_true", help="list named pretrained tags instead of presets")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert any supported checkpoint to safetensors in our layout")
+    p.add_argument("src", help="file, folder, named tag or hub id")
+    p.add_argument("dst", help="output .safetensors path")
+    p.add_argument("--preset", help="preset to check against (default: detected from the shapes)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing destination")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="layout, preset, dtype and size of a checkpoint")
+    p.add_argument("checkpoint", help="file, folder, named tag or hub id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the main job on built-in defaults (no downloads)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except InternViTError as e:
+        print(f"internvit: error: {e.message}", file=sys.stderr)
+        if e.fix:
+            print(f"  fix: {e.fix}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

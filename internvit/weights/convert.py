@@ -1,0 +1,103 @@
+"""`convert` (any layout -> our safetensors, with a metadata header) and `inspect` (what a checkpoint is)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from internvit.errors import InternViTError
+from internvit.weights.loading import infer_architecture, match_presets, read_native, resolve_preset
+
+FORMAT = "internvit"
+FORMAT_VERSION = "1"
+
+
+def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in sorted key order: independent of file framing."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, then rename: an interrupted run never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    preset: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> dict[str, str]:
+    """Convert any supported checkpoint to one safetensors file in our layout; returns the metadata written.
+
+    Set-aside tensors that stay useful (the clip_projector) are kept under their own names.
+    """
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise InternViTError(
+            f"destination {dst} must end in .safetensors", fix=f"use {dst.with_suffix('.safetensors')}"
+        )
+    if dst.exists() and not overwrite:
+        raise InternViTError(f"{dst} already exists", fix="pass --force to overwrite it, or choose another name")
+    native, raw = read_native(src)
+    name = resolve_preset(native, preset, raw)
+    tensors = {**native.state, **native.extras}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "preset": name,
+        "source": str(src),
+        "source_layout": native.layout,
+        "content_sha256": content_sha256(tensors),
+        "set_aside": json.dumps(sorted(k for k in native.set_aside if k not in native.extras)),
+    }
+    atomic_save_safetensors(tensors, dst, metadata)
+    return metadata
+
+
+def inspect_checkpoint(source: str | Path) -> dict[str, object]:
+    """Layout, matching presets, dtypes, sizes and (for our files) an integrity check of a checkpoint."""
+    native, raw = read_native(source)
+    arch = infer_architecture(native.state)
+    tensors = {**native.state, **native.extras}
+    info: dict[str, object] = {
+        "source": str(source),
+        "files": [str(f) for f in raw.files],
+        "bytes_on_disk": raw.num_bytes,
+        "layout": native.layout,
+        "preset": resolve_preset(native, None, raw) if match_presets(arch) or "preset" in raw.metadata else None,
+        "presets_matching": match_presets(arch),
+        "architecture": arch,
+        "num_tensors": len(tensors),
+        "num_backbone_params": sum(t.numel() for t in native.state.values()),
+        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
+        "set_aside": sorted(native.set_aside),
+    }
+    if raw.metadata.get("format") == FORMAT:
+        info["metadata"] = raw.metadata
+        info["sha256_ok"] = content_sha256(tensors) == raw.metadata.get("content_sha256")
+    return info

@@ -1,0 +1,182 @@
+"""Strict loading into our model with a readable report, and preset matching from tensor shapes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internvit.errors import InternViTError
+from internvit.model import PRESETS, InternViT, InternViTConfig, build_model, get_config, resize_pos_embed
+from internvit.weights.files import RawCheckpoint, read_checkpoint
+from internvit.weights.keymaps import NativeState, to_native, unwrap
+
+log = logging.getLogger(__name__)
+_INFERABLE = ("embed_dim", "depth", "mlp_hidden_dim", "patch_size", "in_chans", "norm_type", "qkv_bias", "qk_norm")
+
+
+@dataclass
+class LoadReport:
+    """What happened to every key: loaded, missing, unexpected, shape-mismatched, resized or set aside on purpose."""
+
+    source: str
+    layout: str
+    preset: str | None = None
+    num_loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    resized: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    set_aside: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.num_loaded} tensors from {self.source} (layout: {self.layout}, preset: {self.preset})"]
+        for key, old, new in self.resized:
+            lines.append(f"  resized     {key}: {tuple(old)} -> {tuple(new)} (bicubic)")
+        for key, ckpt, model in self.mismatched:
+            lines.append(f"  mismatched  {key}: checkpoint {tuple(ckpt)} vs model {tuple(model)}")
+        lines += [f"  missing     {key}" for key in self.missing]
+        lines += [f"  unexpected  {key}" for key in self.unexpected]
+        reasons: dict[str, list[str]] = {}
+        for key, reason in self.set_aside.items():
+            reasons.setdefault(reason, []).append(key)
+        lines += [f"  set aside   {len(keys)} key(s): {reason}" for reason, keys in reasons.items()]
+        return "\n".join(lines)
+
+
+def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, object]:
+    """The architecture fields that tensor shapes reveal (heads and LayerScale init cannot be read from shapes)."""
+    try:
+        patch = state["patch_embed.proj.weight"]
+        grid = state["pos_embed"].shape[1] - 1
+        return {
+            "embed_dim": patch.shape[0],
+            "depth": 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+            "mlp_hidden_dim": state["blocks.0.mlp.fc1.weight"].shape[0],
+            "patch_size": patch.shape[-1],
+            "in_chans": patch.shape[1],
+            "norm_type": "layer_norm" if "blocks.0.norm1.bias" in state else "rms_norm",
+            "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+            "qk_norm": "blocks.0.attn.q_norm.weight" in state,
+            "img_size": round(grid**0.5) * patch.shape[-1],
+        }
+    except (KeyError, ValueError, IndexError) as e:
+        raise InternViTError(
+            f"checkpoint lacks a core backbone tensor ({e})", fix="pass a complete InternViT backbone checkpoint"
+        ) from e
+
+
+def match_presets(arch: dict[str, object]) -> list[str]:
+    """Presets whose architecture fits; those at the checkpoint's native resolution come first."""
+    fits = [n for n, c in PRESETS.items() if all(getattr(c, f) == arch[f] for f in _INFERABLE)]
+    return sorted(fits, key=lambda n: PRESETS[n].img_size != arch["img_size"])
+
+
+def check_fits(arch: dict[str, object], preset: str) -> None:
+    """Raise a clear error if a checkpoint cannot be loaded into `preset` (resolution differences are fine)."""
+    config = get_config(preset)
+    diffs = [f"{f} {arch[f]} vs {getattr(config, f)}" for f in _INFERABLE if getattr(config, f) != arch[f]]
+    if diffs:
+        fits = match_presets(arch)
+        hint = f"use preset {fits[0]!r}" if fits else "pass the preset this checkpoint was trained with"
+        raise InternViTError(
+            f"checkpoint does not fit preset {preset!r}: {'; '.join(diffs)} (checkpoint vs preset)",
+            fix=f"{hint}, or omit the preset to detect it",
+        )
+
+
+def _adapt_shapes(state: dict[str, torch.Tensor], model: InternViT, report: LoadReport) -> dict[str, torch.Tensor]:
+    """Resize pos_embed to the model grid and the patch kernel to the model patch size (§1.7 steps 2-3)."""
+    state = dict(state)
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and pos.shape[2] == model.embed_dim and pos.shape != model.pos_embed.shape:
+        side = model.config.grid_size
+        state["pos_embed"] = resize_pos_embed(pos, (side, side))
+        report.resized.append(("pos_embed", tuple(pos.shape), tuple(state["pos_embed"].shape)))
+    kernel = state.get("patch_embed.proj.weight")
+    target = model.patch_embed.proj.weight.shape
+    if kernel is not None and kernel.shape[:2] == target[:2] and kernel.shape != target:
+        state["patch_embed.proj.weight"] = F.interpolate(
+            kernel.float(), size=tuple(target[-2:]), mode="bicubic", align_corners=False
+        ).to(kernel.dtype)
+        report.resized.append(("patch_embed.proj.weight", tuple(kernel.shape), tuple(target)))
+    return state
+
+
+@torch.no_grad()
+def load_state_into(model: nn.Module, native: NativeState, *, strict: bool = True, source: str = "") -> LoadReport:
+    """Copy a native-layout state into `model`; strict (default) raises on any missing/unexpected/mismatched key."""
+    report = LoadReport(source=source, layout=native.layout, set_aside=dict(native.set_aside), extras=native.extras)
+    state = _adapt_shapes(native.state, model, report) if isinstance(model, InternViT) else dict(native.state)
+    own = model.state_dict()
+    report.missing = sorted(set(own) - set(state))
+    report.unexpected = sorted(set(state) - set(own))
+    report.mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
+    if strict and not report.ok:
+        raise InternViTError(
+            f"checkpoint does not match the model:\n{report}",
+            fix="pick the preset the checkpoint was trained with, or load with strict=False",
+        )
+    loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    report.num_loaded = len(loadable)
+    return report
+
+
+def read_native(source: str | Path) -> tuple[NativeState, RawCheckpoint]:
+    """Read any supported checkpoint and bring it into our layout; also returns what was read (files, metadata)."""
+    raw = read_checkpoint(source)
+    return to_native(unwrap(raw.tensors)), raw
+
+
+def resolve_preset(native: NativeState, preset: str | None, raw: RawCheckpoint) -> str:
+    """The preset to build: the one asked for (checked against the shapes), else the file's or tag's, else matched."""
+    arch = infer_architecture(native.state)
+    preset = preset or (raw.tag.preset if raw.tag else None)
+    if preset is not None:
+        check_fits(arch, preset)
+        return preset
+    if raw.metadata.get("preset") in PRESETS:
+        return raw.metadata["preset"]
+    fits = match_presets(arch)
+    if not fits:
+        shown = ", ".join(f"{k}={v}" for k, v in arch.items())
+        raise InternViTError(
+            f"no preset has this checkpoint's architecture ({shown})",
+            fix="build an InternViTConfig by hand and use load_state_into()",
+        )
+    return fits[0]
+
+
+def load_model(
+    source: str | Path,
+    *,
+    preset: str | None = None,
+    img_size: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    strict: bool = True,
+    drop_path_rate: float = 0.0,
+) -> tuple[InternViT, LoadReport]:
+    """Build the right preset (at `img_size`, default its native size) and load a checkpoint of any layout into it."""
+    native, raw = read_native(source)
+    preset = resolve_preset(native, preset, raw)
+    config: InternViTConfig = get_config(preset).replace(drop_path_rate=drop_path_rate)
+    if img_size is not None:
+        config = config.replace(img_size=img_size)
+    model = build_model(config, device=device, dtype=dtype, init=not strict)
+    report = load_state_into(model, native, strict=strict, source=str(source))
+    report.preset = preset
+    log.info("%s", report)
+    return model, report
