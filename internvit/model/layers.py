@@ -11,7 +11,7 @@ from internvit.model.config import InternViTConfig
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: the autocast dtype when autocast is on for x's device, else x's own dtype."""
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

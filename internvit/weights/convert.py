@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from internvit.atomic import atomic_path
 from internvit.errors import InternViTError
 from internvit.weights.loading import infer_architecture, match_presets, read_native, resolve_preset
 
@@ -27,19 +26,6 @@ def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the same folder, then rename: an interrupted run never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def convert_checkpoint(
@@ -75,7 +61,8 @@ def convert_checkpoint(
         "content_sha256": content_sha256(tensors),
         "set_aside": json.dumps(sorted(k for k in native.set_aside if k not in native.extras)),
     }
-    atomic_save_safetensors(tensors, dst, metadata)
+    with atomic_path(dst) as tmp:  # an interrupted run never leaves a partial file behind
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     return metadata
 
 

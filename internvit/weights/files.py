@@ -53,9 +53,10 @@ def _load_pickle(path: Path) -> object:
             f"{path}: refused to unpickle objects other than tensors ({str(e).splitlines()[0]})",
             fix="re-save the checkpoint as a plain state dict, or convert it to safetensors with trusted code",
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # a damaged pickle stream fails in many ways (IndexError, KeyError, ...): all mean corrupt
         raise InternViTError(
-            f"{path}: cannot read this PyTorch file ({str(e).splitlines()[0]})", fix=_REDOWNLOAD
+            f"{path}: cannot read this PyTorch file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})",
+            fix=_REDOWNLOAD,
         ) from e
 
 
@@ -126,9 +127,11 @@ def download(repo_id: str, filename: str | None = None) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # hub errors vary by version and network state; all mean "not available here"
         what = f"{repo_id}/{filename}" if filename else repo_id
+        get = f"{repo_id} {filename}" if filename else repo_id
+        local = f"the local path DIR/{filename}" if filename else "the local path DIR"
         raise InternViTError(
             f"could not fetch {what} from the Hugging Face Hub ({type(e).__name__})",
-            fix=f"download it where there is internet (`hf download {repo_id} --local-dir DIR`) and pass DIR's path",
+            fix=f"download it where there is internet (`hf download {get} --local-dir DIR`) and pass {local}",
         ) from e
 
 

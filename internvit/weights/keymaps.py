@@ -20,7 +20,7 @@ from internvit.errors import InternViTError
 LAYOUTS = ("internvit", "hf_internvit", "transformers")
 WRAPPER_KEYS = ("state_dict", "module", "model")  # dict wrappers seen in .pth files (DDP, mmseg, timm, InternVL)
 # Prefixes under which a vision tower sits inside a bigger model (InternVL chat / transformers -hf checkpoints).
-VISION_PREFIXES = ("vision_tower.", "model.vision_model.", "vision_model.")
+VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.vision_model.", "vision_model.")
 SET_ASIDE = {
     "clip_projector.": "InternVL-C clip_projector, not part of the backbone (kept for the clip_projector head)"
 }
