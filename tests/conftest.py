@@ -8,7 +8,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from internvit.model import InternViTConfig, build_model, get_config  # noqa: E402
+from internvit.model import PRESETS, InternViTConfig, build_model, get_config  # noqa: E402
 
 TINY_6B = get_config("debug")  # rms_norm, full-width QK-norm, no qkv bias
 TINY_300M = InternViTConfig(
@@ -43,3 +43,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def tiny_model():
     torch.manual_seed(0)
     return randomize_(build_model(TINY_6B)).eval()
+
+
+@pytest.fixture
+def tiny_300m_preset(monkeypatch):
+    """Register TINY_300M as a preset so that LayerNorm / qkv-bias checkpoints can be matched and loaded."""
+    monkeypatch.setitem(PRESETS, "tiny-300m", TINY_300M)
+    return "tiny-300m"

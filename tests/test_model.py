@@ -202,3 +202,32 @@ def test_grad_checkpointing_changes_nothing_numerically():
     model(x).square().mean().backward()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, plain[name], atol=1e-6), name
+
+
+def test_rmsnorm_matches_apex_emulation_under_fp16_autocast():
+    norm = RMSNorm(32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
+    x = torch.randn(8, 32) * 30
+    x16 = x.half().float()  # apex: input and weight cast to the autocast dtype, fp32 math, one final rounding
+    expected = (x16 * torch.rsqrt(x16.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.half().float()).half()
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(norm(x), expected)
+
+
+def test_rmsnorm_bf16_input_uses_fp32_statistics():
+    x = torch.cat([torch.full((1, 255), 1.0), torch.full((1, 1), 300.0)], dim=1).bfloat16()
+    out = RMSNorm(256).requires_grad_(False)
+    torch.nn.init.ones_(out.weight)
+    ref = x.float() / torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(out(x), ref.bfloat16())
+
+
+def test_layerscale_outputs_stay_fp32_under_autocast(tiny_model):
+    dtypes = []
+    for block in tiny_model.blocks:
+        for ls in (block.ls1, block.ls2):
+            ls.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny_model(torch.randn(1, 3, 56, 56))
+    assert dtypes == [torch.float32] * 2 * len(tiny_model.blocks)

@@ -1,156 +1,33 @@
-"""Checkpoint reading, key maps, strict loading, preset matching, errors, convert and inspect (REFERENCE 1.7-1.10).
+"""Checkpoint reading, key maps, strict loading, preset matching and errors (REFERENCE 1.7-1.10)."""
 
-Every checkpoint is synthetic and tiny, written into tmp_path in the real on-disk layouts.
-"""
-
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_6B, TINY_300M, randomize_
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from checkpoints import (
+    CASES,
+    CONFIGS,
+    NotATensor,
+    assert_same,
+    clip_projector,
+    expect_error,
+    native_sd,
+    prefixed,
+    save_legacy_pth,
+    save_pth,
+    save_sharded,
+    save_st,
+    write_case,
+)
+from conftest import TINY_6B, TINY_300M
 
-from internvit.errors import InternViTError
-from internvit.model import PRESETS, InternViTConfig, build_model
 from internvit.weights import (
     LAYOUTS,
-    content_sha256,
-    convert_checkpoint,
     detect_layout,
     from_native,
-    inspect_checkpoint,
     load_model,
     to_native,
 )
-
-CONFIGS = {"6b": TINY_6B, "300m": TINY_300M}
-Tensors = dict[str, torch.Tensor]
-
-
-class NotATensor:
-    """A custom object that torch.load(weights_only=True) must refuse."""
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def native_sd(cfg: InternViTConfig = TINY_6B, seed: int = 0) -> Tensors:
-    """A randomised state dict in our (original InternVL .pth) layout."""
-    model = randomize_(build_model(cfg, init=False), seed=seed)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def clip_projector(c: int, seed: int = 1) -> Tensors:
-    """The 14 InternVL-C clip_projector tensors (REFERENCE 1.8), at width c."""
-    shapes = {f"norm1_{x}.{p}": (c,) for x in "qkv" for p in ("weight", "bias")}
-    shapes |= {f"cross_attn.{x}_bias": (c,) for x in "qkv"}
-    shapes |= {f"cross_attn.{x}.weight": (c, c) for x in "qkv"}
-    shapes |= {"cross_attn.proj.weight": (768, c), "cross_attn.proj.bias": (768,)}
-    gen = torch.Generator().manual_seed(seed)
-    return {f"clip_projector.{k}": torch.randn(s, generator=gen) for k, s in shapes.items()}
-
-
-def unrelated(prefixes: tuple[str, ...]) -> Tensors:
-    """Tensors of the rest of a chat model (language model, projector) that sit beside the vision tower."""
-    gen = torch.Generator().manual_seed(7)
-    return {f"{p}weight": torch.randn(5, 3, generator=gen) for p in prefixes}
-
-
-def save_st(sd: Tensors, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
-    return path
-
-
-def save_pth(obj: object, path: Path, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path, **kwargs)
-    return path
-
-
-def save_legacy_pth(sd: Tensors, path: Path) -> Path:
-    """torch.save's pre-1.6 format: a bare pickle stream, not a zip archive."""
-    return save_pth(sd, path, _use_new_zipfile_serialization=False)
-
-
-def save_sharded(sd: Tensors, folder: Path, n: int = 3) -> Path:
-    """HF-style sharded safetensors: n shards plus model.safetensors.index.json; returns the index path."""
-    keys = sorted(sd)
-    size = -(-len(keys) // n)
-    weight_map = {}
-    for j in range(n):
-        name = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
-        part = keys[j * size : (j + 1) * size]
-        save_st({k: sd[k] for k in part}, folder / name)
-        weight_map |= dict.fromkeys(part, name)
-    index = folder / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    return index
-
-
-def prefixed(sd: Tensors, prefix: str) -> Tensors:
-    return {prefix + k: v for k, v in sd.items()}
-
-
-_HF_CHAT = unrelated(("mlp1.1.", "language_model.model.tok_embeddings."))
-_TF_OLD = unrelated(("language_model.model.embed_tokens.", "multi_modal_projector.linear_1."))
-_TF_HF = unrelated(("model.language_model.embed_tokens.", "model.multi_modal_projector.linear_1.", "lm_head."))
-# case -> (layout, key prefix, tensors of the rest of the model, how it is written)
-CASES = {
-    "pth": ("internvit", "", {}, "pth"),
-    "pth-legacy-format": ("internvit", "", {}, "legacy-pth"),
-    "pth-module-wrapper": ("internvit", "", {}, "module-pth"),
-    "pth-ddp-prefix": ("internvit", "module.", {}, "pth"),
-    "hf-safetensors-folder": ("hf_internvit", "", {}, "st-folder"),
-    "hf-sharded-folder": ("hf_internvit", "", {}, "sharded-folder"),
-    "hf-sharded-index": ("hf_internvit", "", {}, "sharded-index"),
-    "hf-bin-folder": ("hf_internvit", "", {}, "bin-folder"),
-    "hf-vision_model-prefix": ("hf_internvit", "vision_model.", _HF_CHAT, "st-file"),
-    "transformers": ("transformers", "", {}, "st-folder"),
-    "transformers-vision_tower": ("transformers", "vision_tower.", _TF_OLD, "st-file"),
-    "transformers-model.vision_tower": ("transformers", "model.vision_tower.", _TF_HF, "sharded-folder"),
-}
-
-
-def write_case(case: str, sd: Tensors, d: Path) -> tuple[Path, str, set[str]]:
-    """Write `sd` (our layout) to disk as CASES[case]: -> (what to pass, its layout, keys set aside on purpose)."""
-    layout, prefix, rest, how = CASES[case]
-    t = prefixed(from_native(sd, layout), prefix) | rest
-    writers = {
-        "pth": lambda: save_pth(t, d / "ckpt.pth"),
-        "legacy-pth": lambda: save_legacy_pth(t, d / "ckpt.pth"),
-        "module-pth": lambda: save_pth({"module": t}, d / "ckpt.pth"),
-        "st-file": lambda: save_st(t, d / "chat.safetensors"),
-        "st-folder": lambda: save_st(t, d / "model.safetensors").parent,
-        "bin-folder": lambda: save_pth(t, d / "pytorch_model.bin").parent,
-        "sharded-folder": lambda: save_sharded(t, d).parent,
-        "sharded-index": lambda: save_sharded(t, d),
-    }
-    return writers[how](), layout, set(rest)
-
-
-def assert_same(actual: Tensors, expected: Tensors) -> None:
-    """Same keys, and every tensor bit-identical (dtype, shape and values)."""
-    assert sorted(actual) == sorted(expected)
-    for k, v in expected.items():
-        assert actual[k].dtype == v.dtype and torch.equal(actual[k], v), k
-
-
-def expect_error(match: str, fn, *args, **kwargs) -> InternViTError:
-    with pytest.raises(InternViTError, match=match) as info:
-        fn(*args, **kwargs)
-    assert info.value.fix.strip()
-    return info.value
-
-
-@pytest.fixture
-def tiny_300m_preset(monkeypatch):
-    """Register TINY_300M as a preset so that LayerNorm / qkv-bias checkpoints can be matched and loaded."""
-    monkeypatch.setitem(PRESETS, "tiny-300m", TINY_300M)
-    return "tiny-300m"
-
 
 # ----------------------------------------------------------------------------------------------- key maps
 
@@ -252,6 +129,55 @@ def test_preset_is_matched_and_pos_embed_resized(tmp_path):
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
 
 
+def test_hf_internvit_block_keys_are_exactly_the_spec_list(cfg=TINY_6B):
+    """Written out from REFERENCE 1.10, independent of the key-map table."""
+    keys = {k for k in from_native(native_sd(cfg), "hf_internvit") if k.startswith("encoder.layers.0.")}
+    parts = [
+        "norm1.weight",
+        "attn.qkv.weight",
+        "attn.q_norm.weight",
+        "attn.k_norm.weight",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "ls1",
+        "norm2.weight",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "ls2",
+    ]
+    assert keys == {f"encoder.layers.0.{p}" for p in parts}
+
+
+def test_clip_projector_beside_a_vision_model_prefix_is_kept(tmp_path):
+    sd = prefixed(from_native(native_sd(), "hf_internvit"), "vision_model.") | clip_projector(64)
+    _, report = load_model(save_st(sd, tmp_path / "chat.safetensors"))
+    assert sorted(report.extras) == sorted(clip_projector(64))
+
+
+def test_checkpoint_loads_at_its_own_resolution_by_default(tmp_path):
+    sd = native_sd()
+    sd["pos_embed"] = torch.randn(1, 1 + 6 * 6, 64)  # fine-tuned at 84 px
+    model, report = load_model(save_pth(sd, tmp_path / "ckpt.pth"))
+    assert model.config.img_size == 84 and not report.resized
+    assert torch.equal(model.pos_embed, sd["pos_embed"])
+
+
+def test_patch_kernel_is_resized_to_the_model_patch_size(tmp_path):
+    sd = native_sd()
+    sd["patch_embed.proj.weight"] = torch.randn(64, 3, 16, 16)
+    model, report = load_model(save_pth(sd, tmp_path / "ckpt.pth"))
+    assert ("patch_embed.proj.weight", (64, 3, 16, 16), (64, 3, 14, 14)) in report.resized
+    assert model.patch_embed.proj.weight.shape == (64, 3, 14, 14)
+
+
+@pytest.mark.parametrize("name", ["ckpts/model.pth", "{tmp}/InternViT-6B"])
+def test_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path.parent)
+    expect_error("no such file or folder", load_model, name.format(tmp=tmp_path.name))
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 
@@ -347,83 +273,3 @@ def test_folder_with_two_unrelated_pth_files(tmp_path):
     save_pth(native_sd(), tmp_path / "a.pth")
     save_pth(native_sd(seed=1), tmp_path / "b.pth")
     expect_error(r"cannot tell which checkpoint to load \(a\.pth, b\.pth\)", load_model, tmp_path)
-
-
-# ----------------------------------------------------------------------------------------------- convert / inspect
-
-
-CONVERT_CASES = ["pth", "pth-ddp-prefix", "hf-sharded-folder", "hf-bin-folder", "transformers-model.vision_tower"]
-
-
-@pytest.mark.parametrize("case", CONVERT_CASES)
-def test_convert_is_bit_exact_and_round_trips(tmp_path, case):
-    sd = native_sd()
-    source, layout, _ = write_case(case, sd, tmp_path / "src")
-    meta = convert_checkpoint(source, tmp_path / "out.safetensors")
-    tensors = load_file(tmp_path / "out.safetensors")
-    assert_same(tensors, sd)
-    assert meta["format"] == "internvit" and meta["preset"] == "debug" and meta["source_layout"] == layout
-    assert meta["content_sha256"] == content_sha256(tensors) == content_sha256(sd)
-    again = convert_checkpoint(tmp_path / "out.safetensors", tmp_path / "again.safetensors")
-    assert_same(load_file(tmp_path / "again.safetensors"), tensors)
-    assert again["content_sha256"] == meta["content_sha256"] and again["source_layout"] == "internvit"
-
-
-def test_convert_keeps_clip_projector_and_casts(tmp_path):
-    sd, clip = native_sd(), clip_projector(TINY_6B.embed_dim)
-    source = save_pth({"module": sd | clip}, tmp_path / "ckpt.pth")
-    convert_checkpoint(source, tmp_path / "fp32.safetensors")
-    assert_same(load_file(tmp_path / "fp32.safetensors"), sd | clip)
-    meta = convert_checkpoint(source, tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
-    bf16 = load_file(tmp_path / "bf16.safetensors")
-    assert_same(bf16, {k: v.to(torch.bfloat16) for k, v in (sd | clip).items()})
-    assert meta["content_sha256"] == content_sha256(bf16) != content_sha256(sd | clip)
-    _, report = load_model(tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
-    assert set(report.set_aside) == set(clip) and report.ok
-
-
-def test_converted_file_remembers_the_preset_asked_for(tmp_path, monkeypatch):
-    for name in ("tiny-a", "tiny-b"):  # same shapes, like the 448px 6B releases v1.0 ... v2.5
-        monkeypatch.setitem(PRESETS, name, TINY_300M)
-    source = save_pth(native_sd(TINY_300M), tmp_path / "ckpt.pth")
-    assert load_model(source)[1].preset == "tiny-a"
-    assert convert_checkpoint(source, tmp_path / "b.safetensors", preset="tiny-b")["preset"] == "tiny-b"
-    assert load_model(tmp_path / "b.safetensors")[1].preset == "tiny-b"
-    assert inspect_checkpoint(tmp_path / "b.safetensors")["preset"] == "tiny-b"
-
-
-def test_convert_refuses_to_overwrite(tmp_path):
-    source = save_pth(native_sd(), tmp_path / "ckpt.pth")
-    dst = tmp_path / "out.safetensors"
-    dst.write_bytes(b"keep me")
-    expect_error("already exists", convert_checkpoint, source, dst)
-    assert dst.read_bytes() == b"keep me"
-    convert_checkpoint(source, dst, overwrite=True)
-    assert_same(load_file(dst), native_sd())
-    expect_error(r"must end in \.safetensors", convert_checkpoint, source, tmp_path / "out.pth")
-
-
-def test_inspect_reports_layout_preset_and_integrity(tmp_path):
-    sd = native_sd()
-    converted = tmp_path / "out.safetensors"
-    convert_checkpoint(save_st(from_native(sd, "transformers"), tmp_path / "src" / "model.safetensors"), converted)
-    info = inspect_checkpoint(converted)
-    assert info["layout"] == "internvit" and info["preset"] == "debug" and info["sha256_ok"] is True
-    assert info["num_tensors"] == len(sd) and info["metadata"]["source_layout"] == "transformers"
-    with safe_open(converted, framework="pt") as f:  # keep the metadata, change one value of one tensor
-        metadata = f.metadata()
-    tampered = load_file(converted)
-    tampered["blocks.3.mlp.fc2.bias"][7] += 1.0
-    save_st(tampered, converted, metadata=metadata)
-    info = inspect_checkpoint(converted)
-    assert info["metadata"]["content_sha256"] == metadata["content_sha256"]
-    assert info["layout"] == "internvit" and info["sha256_ok"] is False
-
-
-def test_inspect_foreign_checkpoint_has_no_integrity_check(tmp_path):
-    sd = native_sd()
-    source, _, set_aside = write_case("hf-vision_model-prefix", sd, tmp_path)
-    info = inspect_checkpoint(source)
-    assert info["layout"] == "hf_internvit" and info["preset"] == "debug" and info["presets_matching"] == ["debug"]
-    assert "sha256_ok" not in info and set(info["set_aside"]) == set_aside
-    assert info["num_backbone_params"] == sum(v.numel() for v in sd.values())

@@ -1,6 +1,6 @@
 """InternViT layers and backbone: pure, single-device, no I/O."""
 
-from internvit.model.config import PRESETS, InternViTConfig, get_config, presets_matching
+from internvit.model.config import PRESETS, InternViTConfig, get_config
 from internvit.model.flops import count_flops
 from internvit.model.vit import InternViT, build_model, count_params, resize_pos_embed
 
@@ -12,6 +12,5 @@ __all__ = [
     "count_flops",
     "count_params",
     "get_config",
-    "presets_matching",
     "resize_pos_embed",
 ]

@@ -84,9 +84,3 @@ def get_config(name: str) -> InternViTConfig:
         raise InternViTError(
             f"unknown preset {name!r}", fix=f"use one of: {', '.join(PRESETS)} (see `internvit models`)"
         ) from None
-
-
-def presets_matching(config: InternViTConfig) -> list[str]:
-    """Names of the presets with exactly this architecture (ignoring drop path, a training-time setting)."""
-    config = config.replace(drop_path_rate=0.0)
-    return [name for name, preset in PRESETS.items() if preset == config]

@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = compute_dtype(x)
-        x32 = x.float()
+        x32 = x.to(out_dtype).float()  # apex casts the input to the autocast dtype before its fp32 statistics
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # apex casts the weight to the compute dtype and multiplies with fp32 accumulation
         return (x32 * self.weight.to(out_dtype)).to(out_dtype)

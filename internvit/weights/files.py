@@ -70,8 +70,10 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _load_file(path: Path) -> tuple[object, dict[str, str]]:
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and magic[:2] != b"PK"):
+        magic = f.read(2)
+    # a zip archive (torch.save) or a legacy pickle (PROTO opcode 0x80) is a pickle whatever its suffix
+    looks_pickled = magic == b"PK" or magic[:1] == b"\x80"
+    if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and not looks_pickled):
         return _load_safetensors(path)
     return _load_pickle(path), {}
 
@@ -123,8 +125,10 @@ def download(repo_id: str, filename: str | None = None) -> Path:
     try:
         if filename:
             return Path(hf_hub_download(repo_id, filename))
-        patterns = ["*.json", "*.safetensors"]
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):  # an older repo with only pytorch_model*.bin files
+            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"]))
+        return folder
     except Exception as e:  # hub errors vary by version and network state; all mean "not available here"
         what = f"{repo_id}/{filename}" if filename else repo_id
         get = f"{repo_id} {filename}" if filename else repo_id
@@ -135,6 +139,16 @@ def download(repo_id: str, filename: str | None = None) -> Path:
         ) from e
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """`org/name`, but not a mistyped local path (`ckpts/model.pth`, or a first folder that exists here)."""
+    if not HUB_ID.match(source) or source.startswith((".", "/")):
+        return False
+    return (
+        Path(source).suffix not in (".safetensors", ".json", *PICKLE_SUFFIXES)
+        and not Path(source.split("/")[0]).exists()
+    )
+
+
 def read_checkpoint(source: str | Path) -> RawCheckpoint:
     """Read a checkpoint from a file, a folder, a named tag (`internvit-6b-224px.hf`) or a hub id (`org/name`)."""
     path = Path(source).expanduser()
@@ -143,7 +157,7 @@ def read_checkpoint(source: str | Path) -> RawCheckpoint:
         tag = resolve_tag(str(source))
         if tag is not None:
             path = download(tag.hub_id, tag.filename)
-        elif HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
+        elif looks_like_hub_id(str(source)):
             path = download(str(source))
         else:
             raise InternViTError(

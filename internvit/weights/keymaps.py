@@ -122,8 +122,10 @@ def detect_layout(keys: list[str]) -> str:
 def _split_vision_tower(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for prefix in VISION_PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            inside = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-            outside = {k: f"outside the vision tower ({prefix}*)" for k in state if not k.startswith(prefix)}
+            # a clip_projector beside the tower (InternVL-C chat checkpoints) stays with it, to be set aside by name
+            keep = (prefix, *SET_ASIDE)
+            inside = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(keep)}
+            outside = {k: f"outside the vision tower ({prefix}*)" for k in state if not k.startswith(keep)}
             return inside, outside
     return state, {}
 

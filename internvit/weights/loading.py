@@ -16,7 +16,8 @@ from internvit.weights.files import RawCheckpoint, read_checkpoint
 from internvit.weights.keymaps import NativeState, to_native, unwrap
 
 log = logging.getLogger(__name__)
-_INFERABLE = ("embed_dim", "depth", "mlp_hidden_dim", "patch_size", "in_chans", "norm_type", "qkv_bias", "qk_norm")
+# Shape-revealed fields a checkpoint must share with its preset; resolution and patch size are resized instead (§1.7).
+_INFERABLE = ("embed_dim", "depth", "mlp_hidden_dim", "in_chans", "norm_type", "qkv_bias", "qk_norm")
 
 
 @dataclass
@@ -67,6 +68,7 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, object]:
             "norm_type": "layer_norm" if "blocks.0.norm1.bias" in state else "rms_norm",
             "qkv_bias": "blocks.0.attn.qkv.bias" in state,
             "qk_norm": "blocks.0.attn.q_norm.weight" in state,
+            "grid_size": round(grid**0.5),
             "img_size": round(grid**0.5) * patch.shape[-1],
         }
     except (KeyError, ValueError, IndexError) as e:
@@ -102,6 +104,8 @@ def _adapt_shapes(state: dict[str, torch.Tensor], model: InternViT, report: Load
         side = model.config.grid_size
         state["pos_embed"] = resize_pos_embed(pos, (side, side))
         report.resized.append(("pos_embed", tuple(pos.shape), tuple(state["pos_embed"].shape)))
+        if pos.shape[1] > model.pos_embed.shape[1]:
+            log.warning("pos_embed is downsampled from %d to %d positions (lossy)", pos.shape[1] - 1, side * side)
     kernel = state.get("patch_embed.proj.weight")
     target = model.patch_embed.proj.weight.shape
     if kernel is not None and kernel.shape[:2] == target[:2] and kernel.shape != target:
@@ -156,6 +160,15 @@ def resolve_preset(native: NativeState, preset: str | None, raw: RawCheckpoint) 
             f"no preset has this checkpoint's architecture ({shown})",
             fix="build an InternViTConfig by hand and use load_state_into()",
         )
+    same = [n for n in fits if PRESETS[n] == PRESETS[fits[0]]]
+    if len(same) > 1:  # e.g. the four 448px releases share one architecture: the name is only a label
+        log.warning(
+            "checkpoint fits %d presets of one architecture (%s); naming it %s: pass a preset to record "
+            "the exact release",
+            len(same),
+            ", ".join(same),
+            fits[0],
+        )
     return fits[0]
 
 
@@ -169,12 +182,16 @@ def load_model(
     strict: bool = True,
     drop_path_rate: float = 0.0,
 ) -> tuple[InternViT, LoadReport]:
-    """Build the right preset (at `img_size`, default its native size) and load a checkpoint of any layout into it."""
+    """Build the right preset and load a checkpoint of any layout into it.
+
+    `img_size` defaults to the checkpoint's own resolution (the grid of its pos_embed), so nothing is resized
+    unless asked for; a different size resizes the position embedding once, bicubically (REFERENCE §1.7).
+    """
     native, raw = read_native(source)
     preset = resolve_preset(native, preset, raw)
     config: InternViTConfig = get_config(preset).replace(drop_path_rate=drop_path_rate)
-    if img_size is not None:
-        config = config.replace(img_size=img_size)
+    img_size = img_size or int(infer_architecture(native.state)["grid_size"]) * config.patch_size
+    config = config.replace(img_size=img_size)
     model = build_model(config, device=device, dtype=dtype, init=not strict)
     report = load_state_into(model, native, strict=strict, source=str(source))
     report.preset = preset
