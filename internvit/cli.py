@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from internvit.engine.results import format_table
 from internvit.errors import InternViTError
 
 log = logging.getLogger("internvit")
@@ -24,14 +25,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
-
-
-def format_table(rows: list[dict[str, object]]) -> str:
-    """A Markdown table (readable in a terminal and pasteable into docs)."""
-    headers = list(rows[0])
-    widths = [max(len(str(h)), *(len(str(r[h])) for r in rows)) for h in headers]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(headers), line("-" * w for w in widths), *(line(r.values()) for r in rows)])
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -108,6 +101,46 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"saved {args.out}/summary.json and {args.out}/features.safetensors")
 
 
+def _classification_config(args: argparse.Namespace):
+    from internvit.classification.config import ClassificationConfig
+    from internvit.engine.config import load_config
+
+    return load_config(ClassificationConfig, args.config, args.overrides)
+
+
+def cmd_cls_train(args: argparse.Namespace) -> None:
+    from internvit.classification.run import run_train
+
+    run_train(_classification_config(args))
+
+
+def cmd_cls_eval(args: argparse.Namespace) -> None:
+    from internvit.classification.run import run_eval
+
+    rows = run_eval(_classification_config(args))
+    print(format_table(rows))
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from internvit.classification.run import run_classify
+
+    results = run_classify(
+        args.images, backbone=args.backbone, head=args.head, preset=args.preset, topk=args.topk, device=args.device
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        print(result["image"])
+        for rank, top in enumerate(result["top"], 1):
+            print(f"  {rank}. {top['class']:<40} {100 * top['prob']:6.2f}%")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of settings over the paper defaults (see configs/classification/)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings that win over the file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internvit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -130,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="file, folder, named tag or hub id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    cls = sub.add_parser("cls", help="linear-probe classification: train / eval (the paper protocol)")
+    cls_sub = cls.add_subparsers(dest="cls_command", required=True)
+    p = cls_sub.add_parser("train", help="train a probe on frozen features (torchrun for several GPUs)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cls_train)
+    p = cls_sub.add_parser("eval", help="score a head on in1k, real, v2, a, r, sketch with one backbone load")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cls_eval)
+
+    p = sub.add_parser("classify", help="top-5 classes of images, from a backbone and a trained head")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--backbone", required=True, help="backbone checkpoint: file, folder, tag or hub id")
+    p.add_argument("--head", required=True, help="head file (a run's head.safetensors, or the released head .pth)")
+    p.add_argument("--preset", help="backbone preset (default: detected)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("demo", help="the main job on built-in defaults (no downloads)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")

@@ -1,6 +1,31 @@
-"""Image loading and transforms (datasets arrive with the classification and segmentation tasks)."""
+"""Image decoding, transforms, and the ImageNet-family datasets in the layouts users really have."""
 
+from internvit.data.imagenet import (
+    DATASET_NAMES,
+    ImageNetAR,
+    ImageNetSketch,
+    ImageNetSplit,
+    ImageNetV2,
+    build_dataset,
+    collate_skip_none,
+)
+from internvit.data.imagenet_meta import load_real_labels, load_wnids
 from internvit.data.images import load_image
-from internvit.data.transforms import build_eval_transform
+from internvit.data.synthetic import make_mini_imagenet
+from internvit.data.transforms import build_eval_transform, build_train_transform
 
-__all__ = ["build_eval_transform", "load_image"]
+__all__ = [
+    "DATASET_NAMES",
+    "ImageNetAR",
+    "ImageNetSketch",
+    "ImageNetSplit",
+    "ImageNetV2",
+    "build_dataset",
+    "build_eval_transform",
+    "build_train_transform",
+    "collate_skip_none",
+    "load_image",
+    "load_real_labels",
+    "load_wnids",
+    "make_mini_imagenet",
+]

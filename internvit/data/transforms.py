@@ -24,3 +24,20 @@ def build_eval_transform(
             v2.Normalize(mean=list(mean), std=list(std)),
         ]
     )
+
+
+def build_train_transform(
+    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip + normalize, on PIL images."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=v2.InterpolationMode.BICUBIC
+            ),
+            v2.RandomHorizontalFlip(0.5),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )

@@ -1,0 +1,96 @@
+"""Typed settings of the linear-probe protocol; the defaults are the paper's recipe (REFERENCE §4.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EVAL_SETS = ("in1k", "real", "v2", "a", "r", "sketch")
+AMP_MODES = ("bf16", "fp16", "none")
+
+
+@dataclass
+class BackboneConfig:
+    checkpoint: str = "internvit-6b-224px"  # file, folder, named tag or hub id; "random" = random init (tests, demo)
+    preset: str | None = None  # default: detected from the checkpoint
+    img_size: int = 224
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadConfig:
+    kind: str = "cls_patch_concat"  # cls_patch_concat | attention_pooling | clip_projector
+    num_classes: int = 1000
+    checkpoint: str = ""  # released or saved head to start from / evaluate
+    use_ema: bool = False  # with a training checkpoint: take its EMA head
+
+
+@dataclass
+class DataConfig:
+    imagenet: str = "data/imagenet-1k"  # train/ and val/ (+ val.txt or devkit for flat val, real.json)
+    val_labels: str = ""  # default: detected next to val/
+    real_json: str = ""  # default: <imagenet>/real.json
+    imagenetv2: str = "data/imagenetv2"
+    imagenet_a: str = "data/imagenet-a"
+    imagenet_r: str = "data/imagenet-r"
+    imagenet_sketch: str = "data/imagenet-sketch"
+    num_workers: int = 8
+    skip_corrupt: bool = False  # skip undecodable images (counted in the results) instead of stopping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 128  # per process and micro-step
+    global_batch: int = 1024  # reached with gradient accumulation: batch_size x world_size x accum_steps
+    base_lr: float = 0.1  # per lr_ref_batch images: lr = base_lr x global_batch / lr_ref_batch
+    lr_ref_batch: int = 512
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    lr_lag_one_step: bool = True  # the original's scheduler order: the lr used at step s is f(s-1)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    clip_grad: float = 5.0  # total-norm clip; 0 = off
+    ema: bool = True
+    ema_decay: float = 0.998
+    sync_bn: bool = True
+    amp: str = "bf16"  # bf16 | fp16 (with GradScaler, as the original) | none
+    seed: int = 0
+    eval_every: int = 1  # epochs; evaluates IN-1K val with the raw and the EMA head
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"train.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        for name in ("epochs", "batch_size", "global_batch", "lr_ref_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError("train.warmup_epochs must be between 0 and train.epochs")
+
+
+@dataclass
+class EvalConfig:
+    sets: list[str] = field(default_factory=lambda: list(EVAL_SETS))
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.sets if s not in EVAL_SETS]
+        if bad:
+            raise ValueError(f"eval.sets: unknown set {bad[0]!r} (valid: {', '.join(EVAL_SETS)})")
+
+
+@dataclass
+class ClassificationConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/classification"
+    device: str = "auto"  # auto | cuda | cpu

@@ -1,0 +1,129 @@
+"""Scoring heads on the six ImageNet test sets, each image exactly once across all ranks (REFERENCE §3.2, §3.5)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from internvit.classification.config import DataConfig
+from internvit.classification.metrics import PAPER_RESULTS, real_hits, restrict_logits, summarize, topk_hits
+from internvit.data.imagenet import build_dataset, collate_skip_none
+from internvit.data.imagenet_meta import load_wnids
+from internvit.engine.distributed import DistInfo
+from internvit.engine.loop import build_loader, predict_scores
+
+log = logging.getLogger(__name__)
+SET_NAMES = {
+    "in1k": "ImageNet-1K val",
+    "real": "ImageNet-ReaL",
+    "v2": "ImageNetV2",
+    "a": "ImageNet-A",
+    "r": "ImageNet-R",
+    "sketch": "ImageNet-Sketch",
+}
+
+
+def dataset_root(data: DataConfig, name: str) -> str:
+    return {
+        "in1k": data.imagenet,
+        "real": data.imagenet,
+        "v2": data.imagenetv2,
+        "a": data.imagenet_a,
+        "r": data.imagenet_r,
+        "sketch": data.imagenet_sketch,
+    }[name]
+
+
+def imagenet_wnids(data: DataConfig) -> list[str] | None:
+    """The IN-1K wnid list (label order) from the train/ folder or LOC_synset_mapping.txt, for mapping A/R classes."""
+    root = Path(data.imagenet)
+    for source in (root / "train", root / "LOC_synset_mapping.txt"):
+        if source.exists():
+            return load_wnids(source)
+    return None
+
+
+def build_eval_set(name: str, data: DataConfig, transform: Callable, wnids: list[str] | None):
+    return build_dataset(
+        name,
+        dataset_root(data, name),
+        split="val",
+        transform=transform,
+        wnids=wnids,
+        labels=data.val_labels or None,
+        real_json=data.real_json or None,
+        skip_corrupt=data.skip_corrupt,
+    )
+
+
+def make_scorer(name: str, dataset) -> Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], dict]:
+    """Per-sample hits for one set: A/R logits restricted to their 200 classes, ReaL against its label sets."""
+    mask = getattr(dataset, "class_mask", None) if name in ("a", "r") else None
+
+    def score(head_name: str, logits: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor) -> dict:
+        if mask is not None:
+            logits = restrict_logits(logits, mask)
+        if name == "real":
+            valid, top1, top5 = real_hits(logits, [dataset.real_labels_of(i) or [] for i in idx.tolist()])
+            return {"top1": top1, "top5": top5, "valid": valid}
+        hits = topk_hits(logits, targets, ks=(1, 5))
+        return {"top1": hits[1], "top5": hits[5]}
+
+    return score
+
+
+def evaluate_sets(
+    *,
+    backbone: nn.Module,
+    heads: dict[str, nn.Module],
+    sets: list[str],
+    data: DataConfig,
+    transform: Callable,
+    dist: DistInfo,
+    batch_size: int,
+    amp: str,
+    wnids: list[str] | None = None,
+) -> list[dict[str, object]]:
+    """One result row per (set, head): Acc@1, Acc@5, images scored, images skipped, the paper's Acc@1."""
+    wnids = wnids or (imagenet_wnids(data) if {"a", "r"} & set(sets) else None)
+    rows = []
+    for name in sets:
+        dataset = build_eval_set(name, data, transform, wnids)
+        collate = collate_skip_none if data.skip_corrupt else None
+        loader = build_loader(
+            dataset, batch_size=batch_size, dist=dist, train=False, num_workers=data.num_workers, collate_fn=collate
+        )
+        bar = tqdm(total=len(loader.sampler), desc=f"eval {name}", unit="img", disable=not dist.is_main, leave=False)
+        scores = predict_scores(
+            backbone=backbone,
+            heads=heads,
+            loader=loader,
+            score=make_scorer(name, dataset),
+            amp=amp,
+            device=dist.device,
+            progress=bar.update,
+        )
+        bar.close()
+        scored = scores["_index"]["index"].numel()
+        for head_name in heads:
+            s = scores[head_name]
+            summary = summarize(s["top1"], s["top5"], s.get("valid"))
+            rows.append(
+                {
+                    "set": name,
+                    "name": SET_NAMES[name],
+                    "head": head_name,
+                    "acc1": round(summary["acc1"], 3),
+                    "acc5": round(summary["acc5"], 3),
+                    "num_images": summary["num_images"],
+                    "skipped": len(dataset) - scored,
+                    "paper_acc1": PAPER_RESULTS.get(name),
+                }
+            )
+        log.info("%s: %s", SET_NAMES[name], ", ".join(f"{r['head']} {r['acc1']:.2f}" for r in rows[-len(heads) :]))
+    return rows

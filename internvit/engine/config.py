@@ -1,0 +1,110 @@
+"""Typed run configs: dataclass defaults <- YAML file <- dotted `key=value` overrides, merged once and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from internvit.errors import InternViTError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Check (and gently convert) one value against its field type; a ValueError names the field."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        items = [_coerce(v, args[0], f"{name}[]") for v in value] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}: expected true/false, got {value!r}")
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str) and isinstance(value, annotation) and not isinstance(value, bool):
+        return value
+    if annotation is str and isinstance(value, (int, float)):
+        return str(value)
+    if annotation in (int, float, str):
+        raise ValueError(f"{name}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _merge(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config field {prefix}{unknown[0]} (valid: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a mapping of fields")
+            kwargs[name] = _merge(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `cls` from its defaults, a YAML file of deltas and `a.b=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise InternViTError(f"no such config file: {path}", fix="pass a YAML file, e.g. from configs/")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise InternViTError(f"{path}: a config must be a YAML mapping", fix="write `section: {field: value}`")
+        data = loaded
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InternViTError(f"bad override {item!r}", fix="write overrides as section.field=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InternViTError(f"override {key}: {part} is not a section", fix="check the field path")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    try:
+        base = to_dict(cls())
+        return _merge(cls, _deep_update(base, data))
+    except (ValueError, TypeError) as e:
+        raise InternViTError(f"invalid config: {e}", fix="check the field name and value type") from e
+
+
+def _deep_update(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in delta.items():
+        out[key] = (
+            _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out

@@ -1,0 +1,39 @@
+"""Result tables: printed as Markdown, saved as JSON + CSV + Markdown (atomically)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from internvit.atomic import atomic_path, write_json
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """A Markdown table (readable in a terminal and pasteable into docs)."""
+    if not rows:
+        return "(no rows)"
+    headers = list(rows[0])
+    widths = [max(len(str(h)), *(len(str(r.get(h, ""))) for r in rows)) for h in headers]
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    body = [line(r.get(h, "") for h in headers) for r in rows]
+    return "\n".join([line(headers), line("-" * w for w in widths), *body])
+
+
+def save_results(rows: list[dict[str, object]], out_dir: str | Path, stem: str) -> list[Path]:
+    """Write `stem.json`, `stem.csv` and `stem.md` into `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md")]
+    write_json(paths[0], rows)
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for path, text in ((paths[1], buffer.getvalue()), (paths[2], format_table(rows) + "\n")):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return paths
