@@ -96,9 +96,17 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from internvit.demo import run_demo
 
-    summary = run_demo(out_dir=args.out, seed=args.seed)
-    print(format_table([{"item": k, "value": v} for k, v in summary.items()]))
-    print(f"saved {args.out}/summary.json and {args.out}/features.safetensors")
+    demo = run_demo(out_dir=args.out, seed=args.seed)
+    print("\n== backbone: debug preset, generated checkpoint -> convert -> strict load -> features ==")
+    print(format_table([{"item": k, "value": v} for k, v in demo["features"].items()]))
+    print("\n== linear probe on a generated mini ImageNet family (paper recipe, scaled down) ==")
+    print("\n".join(demo["commands"]))
+    print(format_table(demo["results"]))
+    top = demo["classify"]
+    print(f"\nclassify {top['image']}:")
+    for rank, item in enumerate(top["top"], 1):
+        print(f"  {rank}. {item['class']:<20} {100 * item['prob']:6.2f}%")
+    print(f"\ntimings (s): {demo['timings_s']}; results in {args.out}/ (summary.json, probe/, probe/eval/)")
 
 
 def _classification_config(args: argparse.Namespace):

@@ -9,11 +9,16 @@ from pathlib import Path
 from internvit.atomic import atomic_path, write_json
 
 
+def columns(rows: list[dict[str, object]]) -> list[str]:
+    """Every key of every row, in first-seen order (rows may differ, e.g. epochs with and without evaluation)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def format_table(rows: list[dict[str, object]]) -> str:
     """A Markdown table (readable in a terminal and pasteable into docs)."""
     if not rows:
         return "(no rows)"
-    headers = list(rows[0])
+    headers = columns(rows)
     widths = [max(len(str(h)), *(len(str(r.get(h, ""))) for r in rows)) for h in headers]
 
     def line(cells) -> str:
@@ -30,7 +35,7 @@ def save_results(rows: list[dict[str, object]], out_dir: str | Path, stem: str) 
     write_json(paths[0], rows)
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(buffer, fieldnames=columns(rows))
         writer.writeheader()
         writer.writerows(rows)
     for path, text in ((paths[1], buffer.getvalue()), (paths[2], format_table(rows) + "\n")):

@@ -1,0 +1,139 @@
+"""The classification protocol end to end through the real CLI, on a generated learnable mini ImageNet family."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from internvit.cli import main
+from internvit.data import make_mini_imagenet
+from internvit.demo import classification_overrides, make_demo_checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini")
+    paths = make_mini_imagenet(root / "data")
+    checkpoint = make_demo_checkpoint(root / "debug.pth")
+    return root, paths, checkpoint
+
+
+def overrides(paths: dict, checkpoint: Path, out: Path, **extra) -> list[str]:
+    """The demo's probe settings (the paper recipe scaled to 240 images), plus `extra`, which win."""
+    return [*classification_overrides(paths, checkpoint, out), *(f"{k}={v}" for k, v in extra.items())]
+
+
+def cli(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "internvit.cli"] if nproc > 1 else [sys.executable, "-m", "internvit.cli"]
+    return subprocess.run([*cmd, *args], env=ENV, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_probe_learns_and_scores_all_six_sets(mini, capsys):
+    root, paths, checkpoint = mini
+    run = root / "probe"
+    assert main(["cls", "train", *overrides(paths, checkpoint, run, **{"train.epochs": 10})]) == 0
+    history = json.loads((run / "train_history.json").read_text())
+    assert len(history) == 10 and "val_acc1_ema" in history[-1]
+    head = run / "head.safetensors"
+    assert main(["cls", "eval", *overrides(paths, checkpoint, run / "eval", **{"head.checkpoint": head})]) == 0
+    rows = {r["set"]: r for r in json.loads((run / "eval" / "eval_results.json").read_text())}
+    assert set(rows) == {"in1k", "real", "v2", "a", "r", "sketch"}
+    assert rows["in1k"]["acc1"] >= 95.0, rows["in1k"]
+    assert rows["in1k"]["num_images"] == 60 and rows["in1k"]["paper_acc1"] == 88.2
+    assert rows["real"]["num_images"] < 60  # images with an empty ReaL label set are not scored
+    assert (run / "eval" / "eval_results.csv").is_file() and (run / "eval" / "eval_results.md").is_file()
+    capsys.readouterr()
+    image = next((paths["in1k"] / "val" / "n01443537").iterdir())
+    assert main(["classify", str(image), "--backbone", str(checkpoint), "--head", str(head), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert top[0]["class"] == "goldfish" and len(top) == 5
+
+
+def test_two_process_evaluation_equals_one_process_exactly(mini):
+    root, paths, checkpoint = mini
+    run = root / "ddp-train"
+    args = overrides(paths, checkpoint, run, **{"train.epochs": 2, "train.batch_size": 8})
+    result = cli(["cls", "train", *args], nproc=2)  # DDP on the head, 2 processes x 8 x 2 accumulation steps
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "16 per process" not in result.stderr and "8 per process x 2 process(es) x 2" in result.stderr
+    outputs = {}
+    for nproc in (1, 2):
+        out = root / f"eval-{nproc}"
+        result = cli(
+            ["cls", "eval", *overrides(paths, checkpoint, out, **{"head.checkpoint": run / "head.safetensors"})],
+            nproc=nproc,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[nproc] = json.loads((out / "eval_results.json").read_text())
+    assert outputs[1] == outputs[2]
+    assert sum(r["num_images"] for r in outputs[1] if r["set"] == "in1k") == 60
+
+
+def test_killed_training_resumes_to_the_same_head(mini):
+    root, paths, checkpoint = mini
+    extra = {"train.epochs": 8, "train.eval_every": 100}
+    reference = cli(["cls", "train", *overrides(paths, checkpoint, root / "uninterrupted", **extra)])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    run = root / "interrupted"
+    cmd = [sys.executable, "-m", "internvit.cli", "cls", "train", *overrides(paths, checkpoint, run, **extra)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.4)  # into the next epoch
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "head.safetensors").exists()
+    resumed = cli(["cls", "train", *overrides(paths, checkpoint, run, **extra)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    for name in ("head.safetensors", "head_ema.safetensors"):
+        a, b = load_file(root / "uninterrupted" / name), load_file(run / name)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_corrupt_image_names_the_file_or_is_skipped_and_counted(tmp_path, mini, capsys):
+    _, _, checkpoint = mini
+    paths = make_mini_imagenet(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2)
+    bad = sorted((paths["in1k"] / "val").rglob("*.JPEG"))[0]
+    bad.write_bytes(b"not a jpeg at all")
+    head = tmp_path / "run" / "head.safetensors"
+    train = overrides(
+        paths,
+        checkpoint,
+        tmp_path / "run",
+        **{"head.num_classes": 3, "train.epochs": 1, "train.batch_size": 4, "train.global_batch": 8},
+    )
+    assert main(["cls", "train", *train, "train.eval_every=100", "data.skip_corrupt=true"]) == 0
+    common = [*train, f"head.checkpoint={head}", "eval.sets=[in1k]"]
+    assert main(["cls", "eval", *common]) == 2
+    assert bad.name in capsys.readouterr().err
+    assert main(["cls", "eval", *common, "data.skip_corrupt=true"]) == 0
+    row = json.loads((tmp_path / "run" / "eval_results.json").read_text())[0]
+    assert (row["num_images"], row["skipped"]) == (5, 1)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=ten", "train.epochs: expected int"),
+        ("train.epoch=3", "unknown config field train.epoch"),
+        ("eval.sets=[in1k,imagenet-c]", "unknown set 'imagenet-c'"),
+        ("train.global_batch=30", "not a multiple of batch_size"),
+    ],
+)
+def test_config_mistakes_are_named(mini, tmp_path, capsys, override, message):
+    root, paths, checkpoint = mini
+    assert main(["cls", "train", *overrides(paths, checkpoint, tmp_path / "run"), override]) == 2
+    assert message in capsys.readouterr().err
