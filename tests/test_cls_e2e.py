@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from internvit.cli import main
@@ -137,3 +138,39 @@ def test_config_mistakes_are_named(mini, tmp_path, capsys, override, message):
     root, paths, checkpoint = mini
     assert main(["cls", "train", *overrides(paths, checkpoint, tmp_path / "run"), override]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        ["train.amp=fp16"],
+        ["train.amp=none", "train.mixup=0", "train.cutmix=0", "train.clip_grad=0"],
+        ["head.kind=attention_pooling", "train.ema=false"],
+        ["head.kind=clip_projector"],
+    ],
+    ids=["fp16-gradscaler", "no-mixup-fp32", "attention-pooling-no-ema", "clip-projector"],
+)
+def test_recipe_switches_train_and_save(mini, tmp_path, switches):
+    root, paths, _ = mini
+    checkpoint = tmp_path / "with_clip.pth"
+    state = torch.load(root / "debug.pth", weights_only=True)["module"]
+    c = state["cls_token"].shape[-1]
+    clip = {
+        f"clip_projector.norm1_{x}.{p}": torch.ones(c) if p == "weight" else torch.zeros(c)
+        for x in "qkv"
+        for p in ("weight", "bias")
+    }
+    clip |= {f"clip_projector.cross_attn.{x}_bias": torch.zeros(c) for x in "qkv"}
+    clip |= {f"clip_projector.cross_attn.{x}.weight": torch.randn(c, c) * 0.05 for x in "qkv"}
+    clip |= {
+        "clip_projector.cross_attn.proj.weight": torch.randn(768, c) * 0.05,
+        "clip_projector.cross_attn.proj.bias": torch.zeros(768),
+    }
+    torch.save({"module": state | clip}, checkpoint)
+    run = tmp_path / "run"
+    assert main(["cls", "train", *overrides(paths, checkpoint, run, **{"train.epochs": 1}), *switches]) == 0
+    head = load_file(run / "head.safetensors")
+    assert all(torch.isfinite(t).all() for t in head.values())
+    assert (run / "head_ema.safetensors").exists() == ("train.ema=false" not in switches)
+    record = json.loads((run / "train_history.json").read_text())[0]
+    assert record["train_images"] == 224 and record["val_acc1_head"] > 10.0

@@ -474,3 +474,13 @@ def test_read_head_file_from_save_head_metadata(tmp_path):
         read_head_file(bad)
     with pytest.raises(InternViTError, match="cannot tell which head"):
         read_head_file(save_pth({"model": {"norm.weight": torch.ones(2)}}, tmp_path / "odd.pth"))
+
+
+def test_released_head_tag_offline_gives_the_fix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    head = build_head("cls_patch_concat", embed_dim=8, num_heads=2, num_classes=1000)
+    with pytest.raises(InternViTError, match="Hugging Face Hub") as info:
+        load_head_state("internvit-6b-224px.head", head)
+    assert "intern_vit_6b_224px_head.pth" in info.value.fix

@@ -13,7 +13,6 @@ class BackboneConfig:
     checkpoint: str = "internvit-6b-224px"  # file, folder, named tag or hub id; "random" = random init (tests, demo)
     preset: str | None = None  # default: detected from the checkpoint
     img_size: int = 224
-    grad_checkpointing: bool = False
 
 
 @dataclass

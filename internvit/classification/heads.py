@@ -22,8 +22,9 @@ from torch import nn
 
 from internvit.atomic import atomic_path
 from internvit.errors import InternViTError
-from internvit.weights.files import RawCheckpoint, read_checkpoint
+from internvit.weights.files import RawCheckpoint, download, read_checkpoint
 from internvit.weights.keymaps import WRAPPER_KEYS, unwrap
+from internvit.weights.tags import HEAD_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +293,12 @@ def _mismatch_error(report: dict, head: nn.Module, state: Mapping[str, torch.Ten
 def _read_head_state(source: str | Path, use_ema: bool) -> tuple[RawCheckpoint, dict[str, torch.Tensor], str]:
     """Read a head file safely (weights_only pickles, or safetensors) and pick the head state inside it."""
     path = Path(source).expanduser()
+    if not path.exists() and str(source) in HEAD_TAGS:
+        path = download(*HEAD_TAGS[str(source)])
     if not path.exists():
         raise InternViTError(
             f"no such head checkpoint: {source}",
-            fix="check the path; the released head is intern_vit_6b_224px_head.pth in the OpenGVLab/InternVL hub repo",
+            fix=f"check the path, or pass {', '.join(HEAD_TAGS)} for the released head (downloaded once)",
         )
     with _allow_training_configs():
         raw = read_checkpoint(path)
@@ -313,6 +316,15 @@ class HeadFileInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def default_class_names(num_classes: int) -> list[str]:
+    """ImageNet-1K's names for a 1000-way head without saved names (the released head), else the indices."""
+    if num_classes == 1000:
+        from internvit.data.imagenet_meta import imagenet_1k_categories
+
+        return imagenet_1k_categories()
+    return [str(i) for i in range(num_classes)]
+
+
 def read_head_file(source: str | Path, *, use_ema: bool = False) -> HeadFileInfo:
     """Which head (kind, num_classes, class names) a file holds, so that it can be built before loading."""
     raw, state, _ = _read_head_state(source, use_ema)
@@ -326,7 +338,7 @@ def read_head_file(source: str | Path, *, use_ema: bool = False) -> HeadFileInfo
         )
     num_classes = int(weight.shape[0])
     try:
-        names = json.loads(meta["class_names"]) if "class_names" in meta else [str(i) for i in range(num_classes)]
+        names = json.loads(meta["class_names"]) if "class_names" in meta else default_class_names(num_classes)
     except json.JSONDecodeError as e:
         raise InternViTError(f"{source}: metadata class_names is not JSON ({e})", fix="re-save the head") from e
     if not isinstance(names, list) or len(names) != num_classes:

@@ -105,7 +105,7 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
             meta = head_metadata(
                 cfg.head.kind, backbone, cfg.head.num_classes, trainer.class_names, cfg.backbone.checkpoint
             )
-            save_head(head, run_dir / "head.safetensors", metadata=meta)
+            save_head(trainer.head, run_dir / "head.safetensors", metadata=meta)
             if trainer.ema is not None:
                 save_head(trainer.ema.module, run_dir / "head_ema.safetensors", metadata=meta)
             save_results(summary["history"], run_dir, "train_history")

@@ -92,7 +92,7 @@ class Trainer:
                 fix="lower train.global_batch",
             )
         self.ddp_head = self._wrap(head)
-        params = [p for p in head.parameters() if p.requires_grad]
+        params = [p for p in self.head.parameters() if p.requires_grad]  # a frozen clip_projector stays out
         self.optimizer = torch.optim.SGD(
             params, lr=self.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay
         )
@@ -106,7 +106,7 @@ class Trainer:
         )
         self.scheduler = StepScheduler(self.optimizer, schedule, lag_one_step=t.lr_lag_one_step)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=t.amp == "fp16")
-        self.ema = ModelEma(head, decay=t.ema_decay) if t.ema else None
+        self.ema = ModelEma(self.head, decay=t.ema_decay) if t.ema else None
         self.mixup = self._new_mixup(epoch=0)
         self.start_epoch, self.history = 0, []
 

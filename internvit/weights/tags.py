@@ -59,3 +59,7 @@ DEFAULT_TAGS = {
 def resolve_tag(name: str) -> PretrainedTag | None:
     """The tag called `name`, or the default tag of the preset `name`; None if it is neither."""
     return TAGS.get(name) or TAGS.get(DEFAULT_TAGS.get(name, ""))
+
+
+# Released classification heads (REFERENCE §1.9): name -> (hub repo, file).
+HEAD_TAGS = {"internvit-6b-224px.head": ("OpenGVLab/InternVL", "intern_vit_6b_224px_head.pth")}
