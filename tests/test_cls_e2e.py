@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from internvit.cli import main
 from internvit.data import make_mini_imagenet
 from internvit.demo import classification_overrides, make_demo_checkpoint
+from internvit.engine.schedule import cosine_lr
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -44,12 +45,17 @@ def test_probe_learns_and_scores_all_six_sets(mini, capsys):
     assert main(["cls", "train", *overrides(paths, checkpoint, run, **{"train.epochs": 10})]) == 0
     history = json.loads((run / "train_history.json").read_text())
     assert len(history) == 10 and "val_acc1_ema" in history[-1]
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
+    assert [r["step"] for r in steps[:3]] == [0, 10, 20]  # 7 steps of 32 images per epoch, a record every 10th
+    for r in steps:  # the lr step s ran with: f(s - 1), and f(0) = 0 for s = 0 (timm's update order, REFERENCE §4.1)
+        expected = cosine_lr(max(r["step"] - 1, 0), base_lr=1.6 * 32 / 512, total_steps=70, warmup_steps=7)
+        assert r["lr"] == pytest.approx(expected, rel=1e-12), r
     head = run / "head.safetensors"
     assert main(["cls", "eval", *overrides(paths, checkpoint, run / "eval", **{"head.checkpoint": head})]) == 0
     rows = {r["set"]: r for r in json.loads((run / "eval" / "eval_results.json").read_text())}
     assert set(rows) == {"in1k", "real", "v2", "a", "r", "sketch"}
     assert rows["in1k"]["acc1"] >= 95.0, rows["in1k"]
-    assert rows["in1k"]["num_images"] == 60 and rows["in1k"]["paper_acc1"] == 88.2
+    assert rows["in1k"]["num_images"] == 60 and rows["in1k"]["paper_acc1"] == 88.23
     assert rows["real"]["num_images"] < 60  # images with an empty ReaL label set are not scored
     assert (run / "eval" / "eval_results.csv").is_file() and (run / "eval" / "eval_results.md").is_file()
     capsys.readouterr()
@@ -109,6 +115,7 @@ def test_corrupt_image_names_the_file_or_is_skipped_and_counted(tmp_path, mini, 
     paths = make_mini_imagenet(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2)
     bad = sorted((paths["in1k"] / "val").rglob("*.JPEG"))[0]
     bad.write_bytes(b"not a jpeg at all")
+    sorted((paths["in1k"] / "train").rglob("*.JPEG"))[0].write_bytes(b"\xff\xd8 truncated")  # odd batches follow
     head = tmp_path / "run" / "head.safetensors"
     train = overrides(
         paths,

@@ -79,46 +79,54 @@ class TrainStep:
     device: torch.device
 
 
+def _micro_batch(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and targets on the device; an odd batch (skip_corrupt dropped an image) loses one more for mixup."""
+    if batch is None:  # skip_corrupt dropped every image: all DDP ranks must take part in the step, so stop here
+        raise InternViTError("every image of a training batch was undecodable", fix="remove the corrupt files")
+    images, targets = batch[0], batch[1]
+    if len(images) % 2 and len(images) > 1:
+        images, targets = images[:-1], targets[:-1]
+    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
 def train_one_epoch(
     *,
     backbone: nn.Module,
     head: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    on_step: Callable[[int, float], None],
+    on_step: Callable[[int, dict], None],
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scaler: torch.amp.GradScaler,
     settings: TrainStep,
-    progress: Callable[[dict], None],
 ) -> dict[str, float]:
     """Micro-batches -> mixed images -> frozen features -> head loss; an optimizer step every `accum_steps`.
 
-    `on_step(step_in_epoch, grad_norm)` runs after each optimizer step (scheduler, EMA). Leftover micro-batches that
-    do not fill a whole accumulation are not used, so every step sees the same global batch.
+    `on_step(step_in_epoch, info)` runs after each optimizer step (scheduler, EMA, logging) with the step's loss,
+    pre-clip grad norm, lr and this process's images/s. Leftover micro-batches that do not fill a whole accumulation
+    are not used, so every step sees the same global batch. Returns the epoch's mean loss over all processes.
     """
     head.train()
-    accum = settings.accum_steps
+    accum, device = settings.accum_steps, settings.device
     num_steps = len(loader) // accum
     params = [p for p in head.parameters() if p.requires_grad]
-    loss_sum, seen, start = 0.0, 0, time.perf_counter()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images (one sync per step)
+    start = time.perf_counter()
     for i, batch in enumerate(loader):
         step, micro = divmod(i, accum)
         if step >= num_steps:
             break
-        if batch is None:  # skip_corrupt dropped every image of the batch: DDP ranks must all step, so stop here
-            raise InternViTError("every image of a training batch was undecodable", fix="remove the corrupt files")
-        images, targets = batch[0].to(settings.device, non_blocking=True), batch[1].to(settings.device)
-        images, soft = mix(images, targets)
-        with torch.no_grad(), autocast(settings.device, settings.amp):
+        images, soft = mix(*_micro_batch(batch, device))
+        with torch.no_grad(), autocast(device, settings.amp):
             tokens = backbone.forward_features(images)
         sync = micro == accum - 1
         with nullcontext() if sync or not hasattr(head, "no_sync") else head.no_sync():
-            with autocast(settings.device, settings.amp):
+            with autocast(device, settings.amp):
                 logits = head(tokens)
             loss = loss_fn(logits.float(), soft)
             scaler.scale(loss / accum).backward()
-        loss_sum, seen = loss_sum + loss.item() * len(images), seen + len(images)
+        totals += torch.stack([loss.detach().double() * len(images), torch.tensor(len(images), device=device)])
         if not sync:
             continue
         scaler.unscale_(optimizer)
@@ -126,18 +134,17 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        on_step(step, float(norm))
-        progress(
-            {
-                "step": step + 1,
-                "steps": num_steps,
-                "loss": loss.item(),
-                "grad_norm": float(norm),
-                "lr": optimizer.param_groups[0]["lr"],
-                "img_s": seen / (time.perf_counter() - start),
-            }
-        )
-    return {"train_loss": loss_sum / max(seen, 1), "train_images": seen}
+        seen = totals[1].item()
+        info = {
+            "loss": loss.item(),
+            "grad_norm": float(norm),
+            "lr": optimizer.param_groups[0]["lr"],
+            "img_s": seen / (time.perf_counter() - start),
+        }
+        on_step(step, info)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "train_images": int(totals[1].item())}
 
 
 @torch.no_grad()

@@ -1,0 +1,210 @@
+"""Reading and writing whole-segmentor checkpoints in the mmseg key layout of the original (REFERENCE §5.9).
+
+The released files are bare state dicts taken from a DeepSpeed-style `module` entry (`release.py`); mmcv training
+checkpoints wrap the same dict as `{"meta": ..., "state_dict": ..., "optimizer": ...}`. All are read safely
+(torch.load with weights_only=True, through `internvit.weights.files.read_checkpoint`) and split into parts.
+
+SEG_KEY_MAP: mmseg key (prefix) -> (part, key inside the part). Our segmentor uses the mmseg names unchanged; a part
+holds them with the part's prefix removed (`decode_head.conv_seg.weight` -> part decode_head, `conv_seg.weight`):
+
+| mmseg key                                | part           | key in the part / our module                      |
+|------------------------------------------|----------------|---------------------------------------------------|
+| backbone.cls_token, backbone.pos_embed   | backbone       | cls_token, pos_embed (our InternViT layout, §1.8) |
+| backbone.patch_embed.proj.{weight,bias}  | backbone       | patch_embed.proj.{weight,bias}                    |
+| backbone.blocks.{i}.*                    | backbone       | blocks.{i}.*                                      |
+| backbone.up1.{0,1,3}.*, backbone.up2.0.* | fpn            | up1.{0,1,3}.*, up2.0.* (assumption 1)             |
+| backbone.up1.4.*, backbone.up{2,3,4}.1.* | fpn            | only with with_final_norm=True (never shipped)    |
+| decode_head.*                            | decode_head    | * (e.g. conv_seg.*, norm.*; see below)            |
+| auxiliary_head.*                         | auxiliary_head | * (e.g. convs.0.conv.weight, conv_seg.*)          |
+| anything else                            | other          | the key as is (reported, never loaded silently)   |
+
+Inside the heads (mmseg 0.30 names, kept as our module names):
+  Linear head (custom FCNHead, num_convs 0, with_norm): norm.{weight,bias,running_mean,running_var,num_batches_tracked},
+    conv_seg.{weight,bias}. The original names its SyncBatchNorm `norm`; that our linear head also calls it `norm`
+    is assumption 2.
+  UPerHead: psp_modules.{j}.1.{conv,bn}.*, bottleneck.{conv,bn}.*, lateral_convs.{i}.{conv,bn}.*,
+    fpn_convs.{i}.{conv,bn}.*, fpn_bottleneck.{conv,bn}.*, conv_seg.{weight,bias} (ConvModule: conv without bias,
+    SyncBN named `bn`).
+  Auxiliary FCNHead (num_convs 1): convs.0.{conv,bn}.*, conv_seg.{weight,bias}.
+
+Assumptions (the released files are not available to check, §5.9 "exact format UNKNOWN"):
+  1. The FPN adapters live inside the original backbone as `nn.Sequential`s (up1 = ConvT, LayerNorm2d, GELU, ConvT;
+     up2 = ConvT; up3/up4 have no parameters), so their keys are `backbone.up{k}.{index}.*`; our FPN module is
+     assumed to keep those Sequential indices (`up1.0`, `up1.1`, `up1.3`, `up2.0`), else a rename table is needed here.
+  2. Head key names are mmseg's (`decode_head.conv_seg.*`, `decode_head.norm.*`, ...), used unchanged by our heads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from internvit.atomic import atomic_path
+from internvit.errors import InternViTError
+from internvit.weights.files import read_checkpoint
+from internvit.weights.keymaps import WRAPPER_KEYS, detect_layout, unwrap
+
+__all__ = [
+    "PARTS",
+    "SEG_KEY_MAP",
+    "SegCheckpointReport",
+    "load_segmentation_checkpoint",
+    "save_segmentation_checkpoint",
+    "split_segmentor_state",
+]
+
+log = logging.getLogger(__name__)
+Tensors = dict[str, torch.Tensor]
+
+PARTS = ("backbone", "fpn", "decode_head", "auxiliary_head", "other")
+# mmseg prefix -> (part, prefix inside the part); the first match wins, so the FPN rules precede `backbone.`.
+SEG_KEY_MAP: tuple[tuple[str, str, str], ...] = (
+    *((f"backbone.up{k}.", "fpn", f"up{k}.") for k in range(1, 5)),
+    ("backbone.", "backbone", ""),
+    ("decode_head.", "decode_head", ""),
+    ("auxiliary_head.", "auxiliary_head", ""),
+)
+_SCALAR_META = (str, int, float, bool)
+
+
+@dataclass
+class SegCheckpointReport:
+    """What a segmentation checkpoint held: its wrappers, tensors per part, keys left over and its metadata."""
+
+    source: str
+    wrappers: list[str] = field(default_factory=list)  # e.g. ["state_dict"] or ["module"]; [] for a bare state dict
+    num_tensors: dict[str, int] = field(default_factory=dict)
+    other: list[str] = field(default_factory=list)  # keys outside backbone/decode_head/auxiliary_head
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors header
+    meta: dict[str, object] = field(default_factory=dict)  # scalar entries of an mmcv `meta` dict (iter, epoch, ...)
+
+    def __str__(self) -> str:
+        wrapped = " > ".join(self.wrappers) or "bare state dict"
+        counts = ", ".join(f"{part} {n}" for part, n in self.num_tensors.items() if n)
+        lines = [f"read segmentation checkpoint {self.source} ({wrapped}): {counts}"]
+        lines += [f"  other       {key}" for key in self.other]
+        return "\n".join(lines)
+
+
+def split_segmentor_state(state: Mapping[str, torch.Tensor]) -> dict[str, Tensors]:
+    """Split an mmseg-layout state dict into the PARTS, prefixes stripped as in SEG_KEY_MAP (every part present)."""
+    parts: dict[str, Tensors] = {part: {} for part in PARTS}
+    for key, tensor in state.items():
+        for prefix, part, inner in SEG_KEY_MAP:
+            if key.startswith(prefix):
+                parts[part][inner + key.removeprefix(prefix)] = tensor
+                break
+        else:
+            parts["other"][key] = tensor
+    return parts
+
+
+def join_segmentor_state(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> Tensors:
+    """Inverse of split_segmentor_state: the mmseg-layout state dict of some PARTS (unknown part names raise)."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown checkpoint part(s) {unknown}; parts are {', '.join(PARTS)}")
+    state: Tensors = {}
+    for part, tensors in parts.items():
+        for key, tensor in tensors.items():
+            full = _join_key(part, key)
+            if full in state:
+                raise ValueError(f"key {full!r} comes from two parts (is an FPN key also in the backbone part?)")
+            state[full] = tensor
+    return state
+
+
+def _join_key(part: str, key: str) -> str:
+    """The mmseg key of `key` inside `part` (the first SEG_KEY_MAP rule of that part whose inner prefix matches)."""
+    for prefix, rule_part, inner in SEG_KEY_MAP:
+        if rule_part == part and key.startswith(inner):
+            return prefix + key.removeprefix(inner)
+    if part == "fpn":
+        raise ValueError(f"fpn key {key!r} must start with up1. .. up4.")
+    return key  # part "other": stored as is
+
+
+def _wrappers(obj: object) -> list[str]:
+    """The wrapper keys `unwrap` peels off, outermost first (for the report)."""
+    found: list[str] = []
+    while isinstance(obj, Mapping):
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        found.append(key)
+        obj = obj[key]
+    return found
+
+
+def _scalar_meta(obj: object) -> dict[str, object]:
+    """The plain scalar entries of an mmcv checkpoint's `meta` dict (iter, epoch, mmseg_version, ...)."""
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return {}
+    return {str(k): v for k, v in meta.items() if isinstance(v, _SCALAR_META) and k != "config"}
+
+
+def _no_segmentor_error(source: str, state: Mapping[str, torch.Tensor]) -> InternViTError:
+    """The error for a file without backbone.* / decode_head.* keys, saying what it holds instead."""
+    keys = sorted(state)
+    shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
+    try:
+        layout = detect_layout(keys)
+    except InternViTError:
+        layout = None
+    if layout is not None:
+        return InternViTError(
+            f"{source}: holds a bare backbone ({layout} layout: {shown}), not a segmentor",
+            fix="load it with internvit.weights.load_model (or as the segmentor's pretrained backbone)",
+        )
+    return InternViTError(
+        f"{source}: not a segmentation checkpoint: no backbone.* or decode_head.* keys (found: {shown})",
+        fix="pass an mmseg-format segmentor checkpoint (keys backbone.*, decode_head.*, auxiliary_head.*)",
+    )
+
+
+def load_segmentation_checkpoint(source: str | Path) -> tuple[dict[str, Tensors], SegCheckpointReport]:
+    """Read an mmseg-format segmentor checkpoint (bare, state_dict / meta+state_dict / module-wrapped, safetensors).
+
+    Returns the PARTS (prefixes stripped; the backbone part in our InternViT layout, ready for
+    `load_state_into(backbone, to_native(parts["backbone"]))`) and a report of what was found.
+    """
+    raw = read_checkpoint(source)
+    try:
+        state = unwrap(raw.tensors)
+    except InternViTError as e:
+        raise InternViTError(f"{source}: {e.message}", fix=e.fix) from e
+    parts = split_segmentor_state(state)
+    if not parts["backbone"] and not parts["decode_head"]:
+        raise _no_segmentor_error(str(source), state)
+    report = SegCheckpointReport(
+        source=str(source),
+        wrappers=_wrappers(raw.tensors),
+        num_tensors={part: len(tensors) for part, tensors in parts.items()},
+        other=sorted(parts["other"]),
+        metadata=dict(raw.metadata),
+        meta=_scalar_meta(raw.tensors),
+    )
+    log.info("%s", report)
+    return parts, report
+
+
+def save_segmentation_checkpoint(
+    parts: Mapping[str, Mapping[str, torch.Tensor]], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write PARTS as one safetensors file in the mmseg key layout, atomically; metadata values must be strings."""
+    bad = [k for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata must map str to str; not so for {bad}")
+    state = {k: v.detach().contiguous() for k, v in join_segmentor_state(parts).items()}
+    if not state:
+        raise ValueError("nothing to save: every part is empty")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"internvit_layout": "mmseg-segmentor", **(metadata or {})})
+    return path
