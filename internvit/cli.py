@@ -144,6 +144,40 @@ def cmd_classify(args: argparse.Namespace) -> None:
             print(f"  {rank}. {top['class']:<40} {100 * top['prob']:6.2f}%")
 
 
+def _segmentation_config(args: argparse.Namespace):
+    from internvit.engine.config import load_config
+    from internvit.segmentation.config import SegmentationConfig
+
+    return load_config(SegmentationConfig, args.config, args.overrides)
+
+
+def cmd_seg_train(args: argparse.Namespace) -> None:
+    from internvit.segmentation.run import run_train
+
+    summary = run_train(_segmentation_config(args))
+    print(f"best: {summary['best']}")
+
+
+def cmd_seg_eval(args: argparse.Namespace) -> None:
+    from internvit.segmentation.run import run_eval
+
+    print(format_table(run_eval(_segmentation_config(args))))
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from internvit.segmentation.run import run_segment
+
+    results = run_segment(args.images, checkpoint=args.checkpoint, backbone=args.backbone, out_dir=args.out,
+                          device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        print(f"{result['image']}: {result['mask']}, {result['overlay']}")
+        for item in result["classes"][: args.top]:
+            print(f"  {item['class']:<24} {100 * item['share']:6.2f}%")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of settings over the paper defaults (see configs/classification/)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings that win over the file")
@@ -180,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = cls_sub.add_parser("eval", help="score a head on in1k, real, v2, a, r, sketch with one backbone load")
     _add_config_args(p)
     p.set_defaults(func=cmd_cls_eval)
+
+    seg = sub.add_parser("seg", help="ADE20K segmentation: train / eval (linear probe, few-shot, UperNet)")
+    seg_sub = seg.add_subparsers(dest="seg_command", required=True)
+    p = seg_sub.add_parser("train", help="train a segmentor (configs/segmentation/*.yaml; torchrun for GPUs)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_seg_train)
+    p = seg_sub.add_parser("eval", help="sliding-window mIoU on ADE20K val (head.checkpoint=...)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_seg_eval)
+
+    p = sub.add_parser("segment", help="colour mask, overlay and classes present, from a trained segmentor")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="a run's best.safetensors (carries its settings)")
+    p.add_argument("--backbone", help="backbone checkpoint when the run kept it frozen (default: the run's)")
+    p.add_argument("--out", default="segment", help="folder for the PNGs (default: ./segment)")
+    p.add_argument("--top", type=int, default=10, help="classes to list per image")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("classify", help="top-5 classes of images, from a backbone and a trained head")
     p.add_argument("images", nargs="+", help="image files")

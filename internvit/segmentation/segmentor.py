@@ -62,6 +62,7 @@ class Segmentor(nn.Module):
         self.auxiliary_head = aux_head
         self.aux_index = aux_index
         self.aux_weight = aux_weight
+        self.avg_non_ignore = False  # mmseg's default loss normalisation (REFERENCE §5.6); True = mean over valid
 
     def extract_features(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
         """The tapped patch-token maps (cls dropped), through the FPN if any, as contiguous fp32 tensors."""
@@ -86,10 +87,12 @@ class Segmentor(nn.Module):
         maps = self.extract_features(x_BCHW)
         logits = self.decode_head(maps)
         logits = F.interpolate(logits.float(), size=label_BHW.shape[-2:], mode="bilinear", align_corners=False)
-        decode = seg_cross_entropy(logits, label_BHW)
+        decode = seg_cross_entropy(logits, label_BHW, avg_non_ignore=self.avg_non_ignore)
         out = {"loss": decode, "decode": decode}
         if self.auxiliary_head is not None:
-            aux = seg_cross_entropy(self.auxiliary_head(maps[self.aux_index]), label_BHW)
+            aux = seg_cross_entropy(
+                self.auxiliary_head(maps[self.aux_index]), label_BHW, avg_non_ignore=self.avg_non_ignore
+            )
             out["aux"] = aux
             out["loss"] = decode + self.aux_weight * aux
         with torch.no_grad():

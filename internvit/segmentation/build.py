@@ -1,0 +1,64 @@
+"""Assembling a segmentor (backbone taps, optional FPN, decode and auxiliary heads) from typed settings."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from internvit.errors import InternViTError
+from internvit.model import build_model, get_config
+from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
+from internvit.segmentation.heads import FCNAuxHead, FPNAdapter, LinearHead, UPerHead
+from internvit.segmentation.segmentor import Segmentor
+from internvit.weights import load_model
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def build_seg_backbone(cfg: SegBackboneConfig, device: torch.device, seed: int = 0):
+    """The backbone at cfg.img_size (pos_embed resized once), in its dtype, frozen or trainable; plus extras."""
+    if cfg.dtype not in DTYPES:
+        raise InternViTError(f"backbone.dtype must be one of {list(DTYPES)}", fix="use bf16 (the original) or fp32")
+    if cfg.checkpoint == "random":
+        torch.manual_seed(seed)
+        config = get_config(cfg.preset or "debug").replace(img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate)
+        backbone = build_model(config, device=device)
+    else:
+        backbone, _ = load_model(
+            cfg.checkpoint, preset=cfg.preset, img_size=cfg.img_size, device=device, drop_path_rate=cfg.drop_path_rate
+        )
+    backbone = backbone.to(DTYPES[cfg.dtype])
+    if cfg.frozen:
+        backbone.eval().requires_grad_(False)
+    else:
+        backbone.set_grad_checkpointing(cfg.grad_checkpointing)
+    return backbone
+
+
+def build_segmentor(backbone, backbone_cfg: SegBackboneConfig, head: SegHeadConfig) -> Segmentor:
+    """Decode head (linear or UperNet), FPN adapter and auxiliary FCN head around the backbone's taps."""
+    dim, taps = backbone.embed_dim, list(backbone_cfg.out_indices)
+    if head.fpn and len(taps) != 4:
+        raise InternViTError(f"the FPN adapter needs four taps, got out_indices={taps}", fix="e.g. [11, 23, 35, 47]")
+    if head.kind == "upernet":
+        decode = UPerHead(in_channels=(dim,) * len(taps), channels=head.channels, num_classes=head.num_classes)
+    else:
+        decode = LinearHead(dim, num_classes=head.num_classes)
+    aux = FCNAuxHead(dim, channels=head.channels, num_classes=head.num_classes) if head.aux else None
+    return Segmentor(
+        backbone,
+        decode,
+        out_indices=taps,
+        fpn=FPNAdapter(dim) if head.fpn else None,
+        aux_head=aux,
+        aux_index=head.aux_index if aux is not None else None,
+        aux_weight=head.aux_weight,
+    )
+
+
+def trainable_state(segmentor: Segmentor, backbone_frozen: bool) -> dict[str, torch.Tensor]:
+    """What a run saves: heads and FPN always; the backbone only when it was fine-tuned (it is 12 GB otherwise)."""
+    state = segmentor.state_dict()
+    return {k: v for k, v in state.items() if not (backbone_frozen and k.startswith("backbone."))}

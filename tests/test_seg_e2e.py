@@ -1,0 +1,223 @@
+"""ADE20K protocols end to end through the real CLI on a generated mini ADE20K, with the debug backbone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from internvit.cli import main
+from internvit.data.synthetic_ade import make_mini_ade20k
+from internvit.demo import make_demo_checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs", "segmentation").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade")
+    return make_mini_ade20k(root / "data", num_train=32), make_demo_checkpoint(root / "debug.pth")
+
+
+def small(data: Path, checkpoint: Path, out: Path, crop: int = 112, **extra) -> list[str]:
+    """Debug backbone, crop scaled down from 504 (the pipelines keep their arithmetic), fp32 on CPU."""
+    settings = {
+        "backbone.checkpoint": checkpoint,
+        "backbone.img_size": crop,
+        "backbone.out_indices": "[3]",
+        "backbone.dtype": "fp32",
+        "data.root": data,
+        "data.crop": crop,
+        "data.img_scale": f"[{4 * crop},{crop}]",
+        "data.test_short": crop,
+        "data.num_workers": 0,
+        "eval.crop": crop,
+        "eval.stride": crop * 5 // 8 // 14 * 14,
+        "train.batch_size": 4,
+        "train.global_batch": 8,
+        "train.lr": 0.02,
+        "train.warmup_iters": 5,
+        "output_dir": out,
+    }
+    return [f"{k}={v}" for k, v in {**settings, **extra}.items()]
+
+
+def test_linear_probe_learns_and_evaluates(ade, tmp_path, capsys):
+    data, checkpoint = ade
+    run = tmp_path / "run"
+    args = small(data, checkpoint, run, crop=224, **{"train.iters": 30, "train.eval_every": 30})
+    assert main(["seg", "train", *args]) == 0
+    history = json.loads((run / "train_history.json").read_text())
+    assert history[-1]["mIoU"] >= 90.0, history
+    assert main(["seg", "eval", *args, f"head.checkpoint={run / 'best.safetensors'}", f"output_dir={run}/eval"]) == 0
+    row = json.loads((run / "eval" / "eval_results.json").read_text())[0]
+    assert row["mIoU"] == history[-1]["mIoU"] and row["paper_mIoU"] == 47.2 and row["num_images"] == 6
+    per_class = json.loads((run / "eval" / "eval_per_class.json").read_text())
+    assert len(per_class) == 150 and per_class[0]["class"] == "wall"
+    capsys.readouterr()
+    image = sorted((data / "images" / "validation").iterdir())[0]
+    assert (
+        main(
+            [
+                "segment",
+                str(image),
+                "--checkpoint",
+                str(run / "best.safetensors"),
+                "--out",
+                str(tmp_path / "s"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)[0]
+    assert Path(result["mask"]).is_file() and Path(result["overlay"]).is_file()
+    assert abs(sum(c["share"] for c in result["classes"]) - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_paper_setting_runs(ade, tmp_path, config):
+    """The eight settings of REFERENCE §5.9 through the CLI, scaled to the debug backbone (4 blocks, 64 wide)."""
+    data, checkpoint = ade
+    text = config.read_text()
+    extra = {
+        "train.iters": 2,
+        "train.eval_every": 2,
+        "head.channels": 16,
+        "train.batch_size": 2,
+        "train.global_batch": 2,
+    }
+    if "out_indices: [11, 23, 35, 47]" in text:
+        extra["backbone.out_indices"] = "[0,1,2,3]"
+    run = tmp_path / "run"
+    assert main(["seg", "train", "--config", str(config), *small(data, checkpoint, run, **extra)]) == 0
+    record = json.loads((run / "train_history.json").read_text())[-1]
+    assert record["iter"] == 2 and "mIoU" in record
+    if "fewshot: 16" in text or "fewshot: 2" in text:
+        split = next(run.glob("fewshot_1of*.txt"))
+        assert len(split.read_text().split()) == 32 // int(split.name.split("1of")[1].split("_")[0])
+        assert record["split_hash"]
+
+
+def test_killed_training_resumes_to_the_same_weights(ade, tmp_path):
+    data, checkpoint = ade
+    extra = {
+        "train.iters": 16,
+        "train.save_every": 4,
+        "train.eval_every": 100,
+        "backbone.frozen": "false",
+        "backbone.drop_path_rate": 0.1,
+        "train.layer_decay": 0.9,
+        "train.lr": 0.002,
+    }
+    cmd = [sys.executable, "-m", "internvit.cli", "seg", "train"]
+    reference = subprocess.run(
+        [*cmd, *small(data, checkpoint, tmp_path / "a", **extra)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    run = tmp_path / "b"
+    proc = subprocess.Popen(
+        [*cmd, *small(data, checkpoint, run, **extra)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(
+        [*cmd, *small(data, checkpoint, run, **extra)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(run / "last.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: (d / "images" / "validation").rename(d / "images" / "val"), "validation"),
+        (lambda d: next((d / "annotations" / "training").iterdir()).unlink(), "annotation"),
+        (lambda d: _write_png(next((d / "annotations" / "training").iterdir()), (5, 5)), "size"),
+    ],
+    ids=["wrong-layout", "missing-label", "mismatched-label-png"],
+)
+def test_bad_dataset_gives_a_clear_error(tmp_path, ade, capsys, mutate, message):
+    _, checkpoint = ade
+    data = make_mini_ade20k(tmp_path / "data", num_train=4, num_val=2)
+    mutate(data)
+    assert main(["seg", "train", *small(data, checkpoint, tmp_path / "run", **{"train.iters": 1})]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _write_png(path: Path, size: tuple[int, int]) -> None:
+    from PIL import Image
+
+    Image.new("L", size).save(path)
+
+
+def test_released_mmseg_checkpoint_loads_into_the_segmentor(tmp_path):
+    """A synthetic checkpoint in the released layout (meta + state_dict, FPN under backbone.up*) loads bit-exactly."""
+    from internvit.model import build_model, get_config
+    from internvit.segmentation.build import build_segmentor
+    from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
+    from internvit.segmentation.run import load_segmentor_weights
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        backbone = build_model(get_config("debug").replace(img_size=112))
+        return build_segmentor(
+            backbone,
+            SegBackboneConfig(out_indices=[0, 1, 2, 3]),
+            SegHeadConfig(kind="upernet", fpn=True, aux=True, channels=8),
+        )
+
+    source = fresh(0)
+    mmseg = {("backbone." + k[4:] if k.startswith("fpn.") else k): v for k, v in source.state_dict().items()}
+    assert any(k.startswith("backbone.up1.") for k in mmseg)
+    torch.save({"meta": {"iter": 80000}, "state_dict": mmseg}, tmp_path / "upernet.pth")
+    target = fresh(1)
+    load_segmentor_weights(target, str(tmp_path / "upernet.pth"))
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_two_process_evaluation_equals_one_process(ade, tmp_path):
+    data, checkpoint = ade
+    run = tmp_path / "run"
+    assert main(["seg", "train", *small(data, checkpoint, run, **{"train.iters": 4, "train.eval_every": 4})]) == 0
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
+        args = [*small(data, checkpoint, out), f"head.checkpoint={run / 'best.safetensors'}"]
+        result = subprocess.run(
+            [*launcher, "internvit.cli", "seg", "eval", *args],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        results[nproc] = json.loads((out / "eval_results.json").read_text())
+        results[nproc][0].pop("checkpoint")
+    assert results[1] == results[2] and results[1][0]["num_images"] == 6
