@@ -126,8 +126,61 @@ def run_classification_demo(out_dir: str | Path, checkpoint: Path, seed: int = 0
     return {"results": rows, "classify": predictions[0], "timings_s": timings, "commands": commands}
 
 
+def segmentation_overrides(data: Path, checkpoint: Path, out: Path, crop: int = 224) -> list[str]:
+    """The linear-probe protocol scaled to the debug backbone: crop 224 instead of 504, 30 iterations, lr raised."""
+    settings = {
+        "backbone.checkpoint": checkpoint,
+        "backbone.img_size": crop,
+        "backbone.out_indices": "[3]",
+        "backbone.dtype": "fp32",
+        "data.root": data,
+        "data.crop": crop,
+        "data.img_scale": f"[{4 * crop},{crop}]",
+        "data.test_short": crop,
+        "data.num_workers": 0,
+        "eval.crop": crop,
+        "eval.stride": crop * 5 // 8 // 14 * 14,
+        "train.iters": 30,
+        "train.warmup_iters": 5,
+        "train.batch_size": 4,
+        "train.global_batch": 8,
+        "train.lr": 0.02,
+        "train.eval_every": 30,
+        "output_dir": out,  # last: the evaluation replaces it
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def run_segmentation_demo(out_dir: str | Path, checkpoint: Path, seed: int = 0) -> dict:
+    """Generate a mini ADE20K, train a linear probe, evaluate it with sliding windows, segment one image."""
+    from internvit.data.synthetic_ade import make_mini_ade20k
+    from internvit.engine.config import load_config
+    from internvit.segmentation.config import SegmentationConfig
+    from internvit.segmentation.run import run_eval, run_segment, run_train
+
+    out = Path(out_dir)
+    shutil.rmtree(out / "seg", ignore_errors=True)
+    data = make_mini_ade20k(out / "ade", seed=seed)
+    settings = segmentation_overrides(data, checkpoint, out / "seg")
+    timings = {}
+    _, timings["train_s"] = _timed(run_train, load_config(SegmentationConfig, None, settings))
+    best = out / "seg" / "best.safetensors"
+    eval_settings = [*settings[:-1], f"head.checkpoint={best}", f"output_dir={out / 'seg' / 'eval'}"]
+    rows, timings["eval_s"] = _timed(run_eval, load_config(SegmentationConfig, None, eval_settings))
+    image = sorted((data / "images" / "validation").iterdir())[0]
+    segmented = run_segment([str(image)], checkpoint=str(best), out_dir=str(out / "seg" / "segment"))[0]
+    commands = [
+        "internvit seg train " + " ".join(settings),
+        "internvit seg eval " + " ".join(eval_settings),
+        f"internvit segment {image} --checkpoint {best} --out {out / 'seg' / 'segment'}",
+    ]
+    return {"results": rows, "segment": segmented, "timings_s": timings, "commands": commands}
+
+
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0) -> dict:
-    """The whole main job on built-in defaults: backbone features, then the classification protocol."""
+    """The whole main job on built-in defaults: backbone features, classification, then segmentation."""
     out = Path(out_dir)
     features = run_feature_demo(out, "debug", seed)
-    return {"features": features, **run_classification_demo(out, out / "debug.safetensors", seed)}
+    classification = run_classification_demo(out, out / "debug.safetensors", seed)
+    segmentation = run_segmentation_demo(out, out / "debug.safetensors", seed)
+    return {"features": features, **classification, "segmentation": segmentation}
