@@ -134,6 +134,9 @@ class SegTrainer:
             drop_last=True,
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.dist.device.type == "cuda",
+            # its own generator: creating the iterator must not consume the global stream (a resumed run creates
+            # one mid-epoch, where the uninterrupted run did not)
+            generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch),
         )
 
     def _batches(self, start_iter: int):
