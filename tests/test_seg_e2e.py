@@ -93,6 +93,7 @@ def test_every_paper_setting_runs(ade, tmp_path, config):
         "head.channels": 16,
         "train.batch_size": 2,
         "train.global_batch": 2,
+        "backbone.dtype": "bf16",  # the original regime: bf16 backbone, fp32 heads
     }
     if "out_indices: [11, 23, 35, 47]" in text:
         extra["backbone.out_indices"] = "[0,1,2,3]"
