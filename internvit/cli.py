@@ -163,7 +163,8 @@ def cmd_seg_train(args: argparse.Namespace) -> None:
     from internvit.segmentation.run import run_train
 
     summary = run_train(_segmentation_config(args))
-    print(f"best: {summary['best']}")
+    if summary["best"] is not None:  # rank 0 only
+        print(f"best: {summary['best']}")
 
 
 def cmd_seg_eval(args: argparse.Namespace) -> None:

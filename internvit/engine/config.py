@@ -41,6 +41,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         raise ValueError(f"{name}: expected true/false, got {value!r}")
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads "4e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}: expected float, got {value!r}") from None
     if annotation in (int, str) and isinstance(value, annotation) and not isinstance(value, bool):
         return value
     if annotation is str and isinstance(value, (int, float)):

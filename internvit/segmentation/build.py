@@ -29,10 +29,9 @@ def build_seg_backbone(cfg: SegBackboneConfig, device: torch.device, seed: int =
         backbone, _ = load_model(
             cfg.checkpoint, preset=cfg.preset, img_size=cfg.img_size, device=device, drop_path_rate=cfg.drop_path_rate
         )
-    backbone = backbone.to(DTYPES[cfg.dtype])
-    if cfg.frozen:
-        backbone.eval().requires_grad_(False)
-    else:
+    if cfg.frozen:  # a frozen backbone lives in bf16, as in the original's segmentation configs
+        backbone = backbone.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
+    else:  # fine-tuned: fp32 master weights under bf16 autocast (the DeepSpeed-bf16 setup); bf16 AdamW steps vanish
         backbone.set_grad_checkpointing(cfg.grad_checkpointing)
     return backbone
 
@@ -47,7 +46,7 @@ def build_segmentor(backbone, backbone_cfg: SegBackboneConfig, head: SegHeadConf
     else:
         decode = LinearHead(dim, num_classes=head.num_classes)
     aux = FCNAuxHead(dim, channels=head.channels, num_classes=head.num_classes) if head.aux else None
-    return Segmentor(
+    segmentor = Segmentor(
         backbone,
         decode,
         out_indices=taps,
@@ -56,6 +55,9 @@ def build_segmentor(backbone, backbone_cfg: SegBackboneConfig, head: SegHeadConf
         aux_index=head.aux_index if aux is not None else None,
         aux_weight=head.aux_weight,
     )
+    if not backbone_cfg.frozen and backbone_cfg.dtype != "fp32":
+        segmentor.backbone_autocast = DTYPES[backbone_cfg.dtype]
+    return segmentor
 
 
 def trainable_state(segmentor: Segmentor, backbone_frozen: bool) -> dict[str, torch.Tensor]:

@@ -17,7 +17,9 @@ class SegBackboneConfig:
     drop_path_rate: float = 0.0
     out_indices: list[int] = field(default_factory=lambda: [44])
     grad_checkpointing: bool = True  # with_cp=True in every segmentation config (only matters when not frozen)
-    dtype: str = "bf16"  # the original runs the whole backbone in bf16; fp32 for exact CPU tests
+    # bf16: a frozen backbone is stored in bf16 (the original); a fine-tuned one keeps fp32 master weights and runs
+    # under bf16 autocast (the original's DeepSpeed bf16); fp32: no reduced precision at all
+    dtype: str = "bf16"
 
 
 @dataclass

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 def save_segmentor(segmentor: Segmentor, cfg: SegmentationConfig, path: Path, extra: dict | None = None) -> None:
     """Trainable weights (mmseg key layout) plus the run's settings in the metadata, so `segment` can rebuild it."""
-    parts = split_segmentor_state(trainable_state(segmentor, cfg.backbone.frozen))
+    state = trainable_state(segmentor, cfg.backbone.frozen)
+    # mmseg keeps the FPN adapter inside the backbone (backbone.up1.*): save in that layout, as the released files
+    parts = split_segmentor_state({("backbone." + k[4:] if k.startswith("fpn.") else k): v for k, v in state.items()})
     meta = {"config": json.dumps(to_dict(cfg)), **{k: str(v) for k, v in (extra or {}).items()}}
     save_segmentation_checkpoint(parts, path, metadata=meta)
 

@@ -63,10 +63,13 @@ class Segmentor(nn.Module):
         self.aux_index = aux_index
         self.aux_weight = aux_weight
         self.avg_non_ignore = False  # mmseg's default loss normalisation (REFERENCE §5.6); True = mean over valid
+        self.backbone_autocast: torch.dtype | None = None  # set for a fine-tuned fp32 backbone run in bf16
 
     def extract_features(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
         """The tapped patch-token maps (cls dropped), through the FPN if any, as contiguous fp32 tensors."""
-        taps = self.backbone.get_intermediate_layers(x_BCHW, self.out_indices, output="nchw")
+        dtype = self.backbone_autocast
+        with torch.autocast(x_BCHW.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            taps = self.backbone.get_intermediate_layers(x_BCHW, self.out_indices, output="nchw")
         maps = [feature_map for _cls, feature_map in taps]
         if self.fpn is not None:
             maps = self.fpn(maps)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from internvit.data.ade20k import ADE20K, make_fewshot_subset, read_split_file, split_hash, write_split_file
 from internvit.data.seg_transforms import TrainPipeline
 from internvit.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from internvit.engine.distributed import DistInfo, barrier, broadcast_object, seed_everything
+from internvit.engine.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, seed_everything
 from internvit.engine.loop import append_jsonl
 from internvit.engine.optim import build_adamw
 from internvit.engine.schedule import StepScheduler, poly_lr
@@ -118,7 +118,8 @@ class SegTrainer:
         return {
             "train": {k: v for k, v in asdict(self.cfg.train).items() if k not in ("eval_every", "log_every")},
             "head": asdict(self.cfg.head) | {"checkpoint": ""},
-            "out_indices": list(self.cfg.backbone.out_indices),
+            "backbone": asdict(self.cfg.backbone),
+            "data": {k: v for k, v in asdict(self.cfg.data).items() if k != "num_workers"},
             "world_size": self.dist.world_size,
             "split_hash": self.split_hash,
         }
@@ -160,13 +161,16 @@ class SegTrainer:
         }
 
     def resume(self) -> None:
-        state = None
-        if self.dist.is_main:
-            path = find_resume_checkpoint(self.run_dir)
-            state = load_checkpoint(path) if path else None
-        state = broadcast_object(state)
-        if state is None:
+        """Every rank reads the run folder's checkpoint (memory-mapped; the folder must be on a shared filesystem)."""
+        path = find_resume_checkpoint(self.run_dir)
+        if len(set(all_gather_objects(path is not None))) > 1:
+            raise InternViTError(
+                f"only some processes see {self.run_dir}/checkpoint.pth",
+                fix="put output_dir on a filesystem that every node shares",
+            )
+        if path is None:
             return
+        state = load_checkpoint(path)
         if state["signature"] != self._signature():
             raise InternViTError(
                 f"{self.run_dir} holds a run with other settings",
@@ -180,7 +184,8 @@ class SegTrainer:
 
     def _step(self, iteration: int, batches) -> dict[str, float]:
         """One optimizer step over `accum` micro-batches; the lr in use is poly(iteration) (mmcv's order)."""
-        seed_everything(self.cfg.train.seed + self.dist.rank + iteration)  # dropout / drop path replay on resume
+        # dropout / drop path replay on resume; distinct streams for every (iteration, rank)
+        seed_everything(self.cfg.train.seed * 1_000_003 + iteration * self.dist.world_size + self.dist.rank)
         self.segmentor.train()
         if self.cfg.backbone.frozen:
             self.segmentor.backbone.eval()
@@ -220,7 +225,7 @@ class SegTrainer:
             if self.dist.is_main and (done % t.log_every == 0 or done == t.iters):
                 append_jsonl(
                     self.run_dir / "metrics.jsonl",
-                    {"iter": done, **logs, "s_per_iter": (time.perf_counter() - start) / done},
+                    {"iter": done, **logs, "s_per_iter": (time.perf_counter() - start) / (done - self.start_iter)},
                 )
             if done % t.eval_every == 0 or done == t.iters:
                 self._evaluate_and_keep_best(done)
