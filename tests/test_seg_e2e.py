@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from internvit.cli import main
 from internvit.data.synthetic_ade import make_mini_ade20k
-from internvit.demo import make_demo_checkpoint
+from internvit.demo import make_demo_checkpoint, segmentation_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs", "segmentation").glob("*.yaml"))
@@ -27,26 +27,8 @@ def ade(tmp_path_factory):
 
 
 def small(data: Path, checkpoint: Path, out: Path, crop: int = 112, **extra) -> list[str]:
-    """Debug backbone, crop scaled down from 504 (the pipelines keep their arithmetic), fp32 on CPU."""
-    settings = {
-        "backbone.checkpoint": checkpoint,
-        "backbone.img_size": crop,
-        "backbone.out_indices": "[3]",
-        "backbone.dtype": "fp32",
-        "data.root": data,
-        "data.crop": crop,
-        "data.img_scale": f"[{4 * crop},{crop}]",
-        "data.test_short": crop,
-        "data.num_workers": 0,
-        "eval.crop": crop,
-        "eval.stride": crop * 5 // 8 // 14 * 14,
-        "train.batch_size": 4,
-        "train.global_batch": 8,
-        "train.lr": 0.02,
-        "train.warmup_iters": 5,
-        "output_dir": out,
-    }
-    return [f"{k}={v}" for k, v in {**settings, **extra}.items()]
+    """The demo's settings (debug backbone, crop scaled down from 504, fp32 on CPU), plus `extra`, which win."""
+    return [*segmentation_overrides(data, checkpoint, out, crop), *(f"{k}={v}" for k, v in extra.items())]
 
 
 def test_linear_probe_learns_and_evaluates(ade, tmp_path, capsys):
