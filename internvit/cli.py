@@ -11,20 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
+from internvit.engine.distributed import setup_logging
 from internvit.engine.results import format_table
 from internvit.errors import InternViTError
 
-log = logging.getLogger("internvit")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Configure the package logger once (rank-aware handlers arrive with the training engine)."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(level)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -263,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
     except InternViTError as e:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from internvit.classification.config import ClassificationConfig
@@ -16,7 +13,7 @@ from internvit.classification.evaluate import evaluate_sets
 from internvit.classification.heads import build_head, load_head_state, save_head
 from internvit.classification.training import Trainer
 from internvit.data import build_eval_transform, load_image
-from internvit.engine.distributed import DistInfo, cleanup_distributed, init_distributed, seed_everything, setup_logging
+from internvit.engine.distributed import DistInfo, cleanup_distributed, seed_everything, start_run
 from internvit.engine.results import save_results
 from internvit.errors import InternViTError
 from internvit.model import InternViT, build_model, get_config
@@ -69,16 +66,6 @@ def new_head(cfg: ClassificationConfig, backbone: InternViT, extras: dict | None
     return head.to(device)
 
 
-def _start(cfg: ClassificationConfig) -> tuple[DistInfo, Path]:
-    dist = init_distributed(cfg.device)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(dist.rank, log_file=run_dir / "log.txt")
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    return dist, run_dir
-
-
 def _backbone_and_extras(cfg: ClassificationConfig, dist: DistInfo):
     backbone, source = build_backbone(
         cfg.backbone.checkpoint,
@@ -94,7 +81,7 @@ def _backbone_and_extras(cfg: ClassificationConfig, dist: DistInfo):
 
 def run_train(cfg: ClassificationConfig) -> dict[str, object]:
     """Train a head on frozen features with the paper recipe; resumes from the run folder; saves the heads."""
-    dist, run_dir = _start(cfg)
+    dist, run_dir = start_run(cfg, cfg.output_dir, cfg.device)
     try:
         seed_everything(cfg.train.seed + dist.rank)
         backbone, extras = _backbone_and_extras(cfg, dist)
@@ -116,7 +103,7 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
 
 def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
     """Score the head (cfg.head.checkpoint) on any subset of the six test sets with one backbone load."""
-    dist, run_dir = _start(cfg)
+    dist, run_dir = start_run(cfg, cfg.output_dir, cfg.device)
     try:
         if not cfg.head.checkpoint:
             raise InternViTError("no head to evaluate", fix="set head.checkpoint=PATH (e.g. a run's head.safetensors)")

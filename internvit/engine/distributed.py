@@ -8,6 +8,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,3 +100,18 @@ def setup_logging(rank: int = 0, level: int = logging.INFO, log_file: str | os.P
         logger.addHandler(file_handler)
     logger.setLevel(level if rank == 0 else logging.WARNING)
     logger.propagate = False
+
+
+def start_run(config: object, output_dir: str | os.PathLike, device: str) -> tuple[DistInfo, Path]:
+    """Join the process group, create the run folder, log to it, and save the resolved config (rank 0)."""
+    import dataclasses
+
+    import yaml
+
+    info = init_distributed(device)
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(info.rank, log_file=run_dir / "log.txt")
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    return info, run_dir

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 from internvit.data import load_image
 from internvit.data.ade20k import ADE20K_CLASS_NAMES, ADE20K_PALETTE
 from internvit.data.seg_transforms import TestPipeline
 from internvit.engine.config import to_dict
-from internvit.engine.distributed import cleanup_distributed, init_distributed, setup_logging
+from internvit.engine.distributed import cleanup_distributed, start_run
 from internvit.engine.results import save_results
 from internvit.errors import InternViTError
 from internvit.segmentation.build import build_seg_backbone, build_segmentor, trainable_state
@@ -60,12 +58,7 @@ def load_segmentor_weights(segmentor: Segmentor, source: str) -> None:
 
 
 def _start(cfg: SegmentationConfig):
-    dist = init_distributed(cfg.device)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(dist.rank, log_file=run_dir / "log.txt")
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    dist, run_dir = start_run(cfg, cfg.output_dir, cfg.device)
     backbone = build_seg_backbone(cfg.backbone, dist.device, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     segmentor = build_segmentor(backbone, cfg.backbone, cfg.head).to(dist.device)
