@@ -7,28 +7,15 @@ from conftest import TINY_6B, TINY_300M, randomize_
 from internvit.model import InternViTConfig, build_model
 from internvit.model import layers as layers_mod
 from internvit.weights import from_native, load_state_into, to_native
+from internvit.weights.convert import build_transformers_model
 
 transformers = pytest.importorskip("transformers")
 
 
 def hf_model(cfg: InternViTConfig) -> torch.nn.Module:
-    hf_cfg = transformers.InternVLVisionConfig(
-        hidden_size=cfg.embed_dim,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.mlp_hidden_dim,
-        num_hidden_layers=cfg.depth,
-        attention_bias=cfg.qkv_bias,
-        use_qk_norm=cfg.qk_norm,
-        norm_type=cfg.norm_type,
-        layer_norm_eps=cfg.norm_eps,
-        layer_scale_init_value=cfg.layer_scale_init,
-        image_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        use_mean_pooling=True,
-        attn_implementation="eager",
-    )
     torch.manual_seed(0)
-    return randomize_(transformers.InternVLVisionModel(hf_cfg), seed=1).eval()
+    model = build_transformers_model(cfg, attn_implementation="eager", device="cpu")
+    return randomize_(model, seed=1).eval()
 
 
 def ours_from(hf: torch.nn.Module, cfg: InternViTConfig) -> torch.nn.Module:

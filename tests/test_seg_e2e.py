@@ -43,6 +43,11 @@ def test_linear_probe_learns_and_evaluates(ade, tmp_path, capsys):
     assert row["mIoU"] == history[-1]["mIoU"] and row["paper_mIoU"] == 47.2 and row["num_images"] == 6
     per_class = json.loads((run / "eval" / "eval_per_class.json").read_text())
     assert len(per_class) == 150 and per_class[0]["class"] == "wall"
+    # the fast path (compiled blocks; the default on GPUs) scores the same
+    fast = [*args, f"head.checkpoint={run / 'best.safetensors'}", f"output_dir={run}/fast", "backbone.compile=true"]
+    assert main(["seg", "eval", *fast]) == 0
+    fast_row = json.loads((run / "fast" / "eval_results.json").read_text())[0]
+    assert abs(fast_row["mIoU"] - row["mIoU"]) < 0.5, (fast_row, row)
     capsys.readouterr()
     image = sorted((data / "images" / "validation").iterdir())[0]
     assert (

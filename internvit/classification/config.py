@@ -13,6 +13,9 @@ class BackboneConfig:
     checkpoint: str = "internvit-6b-224px"  # file, folder, named tag or hub id; "random" = random init (tests, demo)
     preset: str | None = None  # default: detected from the checkpoint
     img_size: int = 224
+    # the fast inference path for the frozen backbone (engine/parallelize.py): null = compile on CUDA only
+    compile: bool | None = None
+    fp8: bool = False  # e4m3 matmuls with rowwise scales (H100/H200); faster, not bit-faithful: see docs/performance.md
 
 
 @dataclass

@@ -14,23 +14,40 @@ from internvit.classification.heads import build_head, load_head_state, save_hea
 from internvit.classification.training import Trainer
 from internvit.data import build_eval_transform, load_image
 from internvit.engine.distributed import DistInfo, cleanup_distributed, seed_everything, start_run
+from internvit.engine.loop import AMP_DTYPES, autocast
+from internvit.engine.parallelize import optimize_for_inference, resolve_compile
 from internvit.engine.results import save_results
 from internvit.errors import InternViTError
 from internvit.model import InternViT, build_model, get_config
 from internvit.weights import load_model
 
 log = logging.getLogger(__name__)
+COMPILE_MIN_IMAGES = 32  # `classify` compiles the backbone (on CUDA) only for at least this many images
 
 
-def build_backbone(checkpoint: str, *, preset: str | None, img_size: int, device: torch.device, seed: int = 0):
-    """The frozen backbone in eval mode: loaded from `checkpoint`, or randomly initialised for "random"."""
+def build_backbone(
+    checkpoint: str,
+    *,
+    preset: str | None,
+    img_size: int,
+    device: torch.device,
+    seed: int = 0,
+    amp: str = "none",
+    compile: bool | None = None,
+    fp8: bool = False,
+):
+    """The frozen backbone, loaded from `checkpoint` ("random": random init), on the fast inference path.
+
+    It will run under `amp` autocast: its matmul weights are stored in that dtype (the same values autocast would
+    cast to), and its blocks are compiled when `compile` resolves to on (see engine/parallelize.py).
+    """
     if checkpoint == "random":
         torch.manual_seed(seed)
         model, source = build_model(get_config(preset or "debug").replace(img_size=img_size), device=device), "random"
     else:
         model, report = load_model(checkpoint, preset=preset, img_size=img_size, device=device)
         source = report
-    model.eval().requires_grad_(False)
+    optimize_for_inference(model, amp_dtype=AMP_DTYPES[amp], compile=resolve_compile(compile, device), fp8=fp8)
     return model, source
 
 
@@ -73,6 +90,9 @@ def _backbone_and_extras(cfg: ClassificationConfig, dist: DistInfo):
         img_size=cfg.backbone.img_size,
         device=dist.device,
         seed=cfg.train.seed,
+        amp=cfg.train.amp,
+        compile=cfg.backbone.compile,
+        fp8=cfg.backbone.fp8,
     )
     extras = getattr(source, "extras", None)
     log.info("backbone: %s (%s, %d px)", cfg.backbone.checkpoint, backbone.config.depth, backbone.config.img_size)
@@ -139,7 +159,10 @@ def run_classify(
     )
     head_info = read_head_file(head)
     img_size = int(head_info.metadata.get("img_size", 224))
-    model, _ = build_backbone(backbone, preset=preset, img_size=img_size, device=dev)
+    amp = "bf16" if dev.type == "cuda" else "none"  # the protocol's eval numerics on GPUs; plain fp32 on the CPU
+    # compiling pays back its cost only over many images
+    compile = dev.type == "cuda" and len(images) >= COMPILE_MIN_IMAGES
+    model, _ = build_backbone(backbone, preset=preset, img_size=img_size, device=dev, amp=amp, compile=compile)
     probe = build_head(
         head_info.kind, embed_dim=model.embed_dim, num_heads=model.config.num_heads, num_classes=head_info.num_classes
     )
@@ -150,7 +173,8 @@ def run_classify(
     results = []
     for path in images:
         x = transform(load_image(path)).unsqueeze(0).to(dev)
-        probs = probe(model.forward_features(x)).float().softmax(-1)[0]
+        with autocast(dev, amp):
+            probs = probe(model.forward_features(x)).float().softmax(-1)[0]
         values, idx = probs.topk(min(topk, probs.numel()))
         results.append(
             {

@@ -12,7 +12,7 @@ from internvit.data.imagenet import (
 from internvit.data.imagenet_meta import load_real_labels, load_wnids
 from internvit.data.images import load_image
 from internvit.data.synthetic import make_mini_imagenet
-from internvit.data.transforms import build_eval_transform, build_train_transform
+from internvit.data.transforms import build_eval_transform, build_train_transform, normalize_images
 
 __all__ = [
     "DATASET_NAMES",
@@ -23,6 +23,7 @@ __all__ = [
     "build_dataset",
     "build_eval_transform",
     "build_train_transform",
+    "normalize_images",
     "collate_skip_none",
     "load_image",
     "load_real_labels",

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from internvit.engine.parallelize import optimize_for_inference, resolve_compile
 from internvit.errors import InternViTError
 from internvit.model import build_model, get_config
 from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
@@ -34,6 +35,18 @@ def build_seg_backbone(cfg: SegBackboneConfig, device: torch.device, seed: int =
     else:  # fine-tuned: fp32 master weights under bf16 autocast (the DeepSpeed-bf16 setup); bf16 AdamW steps vanish
         backbone.set_grad_checkpointing(cfg.grad_checkpointing)
     return backbone
+
+
+def optimize_frozen_backbone(segmentor: Segmentor, cfg: SegBackboneConfig, device: torch.device) -> None:
+    """The fast inference path (compiled blocks, optional fp8) for a frozen backbone, once its weights are final."""
+    if not cfg.frozen:
+        if cfg.fp8:
+            raise InternViTError(
+                "fp8 is for a frozen backbone only", fix="set backbone.fp8=false or backbone.frozen=true"
+            )
+        return
+    compile = resolve_compile(cfg.compile, device)
+    optimize_for_inference(segmentor.backbone, amp_dtype=None, compile=compile, fp8=cfg.fp8)
 
 
 def build_segmentor(backbone, backbone_cfg: SegBackboneConfig, head: SegHeadConfig) -> Segmentor:

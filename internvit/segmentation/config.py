@@ -20,6 +20,9 @@ class SegBackboneConfig:
     # bf16: a frozen backbone is stored in bf16 (the original); a fine-tuned one keeps fp32 master weights and runs
     # under bf16 autocast (the original's DeepSpeed bf16); fp32: no reduced precision at all
     dtype: str = "bf16"
+    # the fast inference path, for a frozen backbone only (engine/parallelize.py): null = compile on CUDA only
+    compile: bool | None = None
+    fp8: bool = False  # e4m3 matmuls with rowwise scales (H100/H200); faster, not bit-faithful: see docs/performance.md
 
 
 @dataclass

@@ -17,7 +17,12 @@ from internvit.engine.config import to_dict
 from internvit.engine.distributed import cleanup_distributed, start_run
 from internvit.engine.results import save_results
 from internvit.errors import InternViTError
-from internvit.segmentation.build import build_seg_backbone, build_segmentor, trainable_state
+from internvit.segmentation.build import (
+    build_seg_backbone,
+    build_segmentor,
+    optimize_frozen_backbone,
+    trainable_state,
+)
 from internvit.segmentation.checkpoints import save_segmentation_checkpoint, split_segmentor_state
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.evaluate import build_val_set, evaluate_segmentor, result_rows
@@ -25,6 +30,7 @@ from internvit.segmentation.metrics import PAPER_MIOU
 from internvit.segmentation.segmentor import Segmentor, predict
 
 log = logging.getLogger(__name__)
+COMPILE_MIN_IMAGES = 8  # `segment` compiles (on CUDA) only for this many images: each one is several 504 windows
 
 
 def save_segmentor(segmentor: Segmentor, cfg: SegmentationConfig, path: Path, extra: dict | None = None) -> None:
@@ -65,6 +71,7 @@ def _start(cfg: SegmentationConfig):
     segmentor.avg_non_ignore = cfg.head.avg_non_ignore
     if cfg.head.checkpoint:
         load_segmentor_weights(segmentor, cfg.head.checkpoint)
+    optimize_frozen_backbone(segmentor, cfg.backbone, dist.device)
     return dist, run_dir, segmentor
 
 
@@ -129,6 +136,9 @@ def run_segment(
     )
     segmentor = build_segmentor(build_seg_backbone(cfg.backbone, dev), cfg.backbone, cfg.head).to(dev)
     load_segmentor_weights(segmentor, checkpoint)
+    if cfg.backbone.compile is None:  # compiling pays back its cost only over many images
+        cfg.backbone.compile = dev.type == "cuda" and len(images) >= COMPILE_MIN_IMAGES
+    optimize_frozen_backbone(segmentor, cfg.backbone, dev)
     segmentor.eval()
     pipeline = TestPipeline(cfg.data.test_resize, short=cfg.data.test_short, scale=tuple(cfg.data.img_scale))
     names = ADE20K_CLASS_NAMES if cfg.head.num_classes == len(ADE20K_CLASS_NAMES) else None

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from internvit.atomic import atomic_path
 from internvit.errors import InternViTError
+from internvit.model import InternViTConfig
 from internvit.weights.loading import infer_architecture, match_presets, read_native, resolve_preset
 
 FORMAT = "internvit"
@@ -88,3 +89,29 @@ def inspect_checkpoint(source: str | Path) -> dict[str, object]:
         info["metadata"] = raw.metadata
         info["sha256_ok"] = content_sha256(tensors) == raw.metadata.get("content_sha256")
     return info
+
+
+def build_transformers_model(config: InternViTConfig, *, attn_implementation: str = "sdpa", device: str = "meta"):
+    """transformers' InternVLVisionModel with our config's architecture (weights uninitialised on "meta").
+
+    Fill it with `model.load_state_dict(from_native(state, "transformers"), assign=True)`. Needs transformers.
+    """
+    import transformers
+
+    hf_config = transformers.InternVLVisionConfig(
+        hidden_size=config.embed_dim,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.mlp_hidden_dim,
+        num_hidden_layers=config.depth,
+        attention_bias=config.qkv_bias,
+        use_qk_norm=config.qk_norm,
+        norm_type=config.norm_type,
+        layer_norm_eps=config.norm_eps,
+        layer_scale_init_value=config.layer_scale_init,
+        image_size=config.img_size,
+        patch_size=config.patch_size,
+        use_mean_pooling=True,
+        attn_implementation=attn_implementation,
+    )
+    with torch.device(device):
+        return transformers.InternVLVisionModel(hf_config)

@@ -1,0 +1,304 @@
+"""Backbone forward throughput, side by side: our fast path, its options and the baselines, in one run.
+
+For each preset x resolution x batch size and each variant: forward img/s, achieved TFLOP/s, % of a bf16 matmul
+ceiling measured in the same run (fp32 on a CPU), peak memory, the set-up time (weights to the device, compilation,
+first call) and fidelity against references computed in the same run. Then forward+backward at 504 px with
+activation checkpointing (for full tuning).
+
+FLOPs per image: `internvit.model.count_flops` = 2 x multiply-accumulates of the patch convolution, the four linears
+of every block (qkv, proj, fc1, fc2) and attention's two matmuls (QK^T and AV: 2 x 2 x T^2 x C per block, T = tokens
+incl. cls). Norms, softmax, GELU and adds are not counted (< 1%). It equals torch.utils.flop_counter (tested).
+6B: 3073 GFLOPs at 224 px, 11945 at 448, 15365 at 504. TFLOP/s = FLOPs/image x img/s. Training rows count 3x the
+forward FLOPs (the activation-checkpointing recompute is not counted: it is overhead, as in MFU).
+
+Variants (weights random, the same for all; inputs random):
+  eager                  ours, bf16 matmul weights under bf16 autocast, eager PyTorch, SDPA attention (baseline)
+  transformers           transformers' InternVLVisionModel, bf16, sdpa attention (baseline)
+  transformers-compiled  the same with each layer torch.compile'd (baseline)
+  compiled               OUR DEFAULT: ours with each block compiled (engine/parallelize.optimize_for_inference)
+  max-autotune           compiled with inductor's max-autotune-no-cudagraphs (long compile)
+  cudagraphs             compiled, then the whole forward replayed as one CUDA graph (GPU only)
+  pure-bf16              compiled, every weight bf16 and no autocast (the frozen segmentation backbone's numerics)
+  fp8                    compiled, block linears as e4m3 x e4m3 matmuls with rowwise scales (H100/H200)
+
+Fidelity (on the first timing batch): rel_err = ||f - f_fp32|| / ||f_fp32|| over all output
+tokens against the eager fp32 model; cos_min / cos_mean = per-image cosine of the probe input [cls, mean(patches)]
+against the eager bf16 variant; top1 = share of images whose argmax under a fixed random linear head (2C -> 1000)
+matches the eager bf16 variant's.
+
+  python benchmarks/throughput.py --out throughput.json                     # on a GPU: the 6B model, see --help
+  python benchmarks/throughput.py --device cpu --preset debug --resolutions 56 --batch-sizes 2 --iters 2 \\
+      --ceiling-size 256 --train-resolution 56 --train-batch 2                                 # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from _bench import (
+    ceiling_dtype,
+    environment,
+    matmul_ceiling_tflops,
+    peak_memory_gib,
+    pick_device,
+    reset_peak_memory,
+    rounded,
+    synchronize,
+    time_calls,
+)
+
+from internvit.atomic import write_json
+from internvit.engine.parallelize import CudaGraphForward, cast_matmul_weights, compile_blocks, optimize_for_inference
+from internvit.engine.results import format_table
+from internvit.model import InternViT, count_flops, get_config
+from internvit.model.vit import build_model
+from internvit.weights import from_native
+
+VARIANTS = (
+    "eager",
+    "transformers",
+    "transformers-compiled",
+    "compiled",
+    "max-autotune",
+    "cudagraphs",
+    "pure-bf16",
+    "fp8",
+)
+DEFAULT_VARIANTS = ("eager", "transformers", "transformers-compiled", "compiled", "cudagraphs", "fp8")
+TABLE = ["preset", "res", "batch", "variant", "img_s", "tflops", "pct_ceiling", "speedup", "peak_gib", "setup_s"]
+TABLE += ["rel_err", "cos_min", "top1"]
+DIGITS = {"cos_min": 5, "top1": 3}  # decimals shown: a cosine of 0.9996 must not print as 1.0
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def base_state(config, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights, kept on the CPU: the model's init with randomised norms, cls, pos_embed and LayerScale (so
+    fidelity measures see every part; with the 0.1 LayerScale init the output would be mostly the patch embedding)."""
+    torch.manual_seed(seed)
+    model = build_model(config, device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "q_norm.weight", "k_norm.weight")):
+                p.mul_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("gamma"):  # LayerScale near 1, not its 0.1 init: the blocks must shape the output
+                p.fill_(1.0).mul_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.startswith(("pos_embed", "cls_token")):
+                p.normal_(0.0, 0.02)
+    cast_matmul_weights(model, torch.bfloat16)  # every variant sees the bf16-rounded matmul weights
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    del model
+    return state
+
+
+def ours(config, state, device, *, pure_bf16: bool = False, fp32: bool = False) -> InternViT:
+    with torch.device("meta"):
+        model = InternViT(config)
+    if pure_bf16:
+        model.to(torch.bfloat16)
+    elif not fp32:
+        cast_matmul_weights(model, torch.bfloat16)
+    model.to_empty(device=device).load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def build_variant(name: str, config, state, device: torch.device, example: torch.Tensor) -> Forward:
+    """A forward for one variant: images (B, 3, H, W) -> all output tokens (B, 1+N, C)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if name in ("transformers", "transformers-compiled"):
+        from internvit.weights.convert import build_transformers_model
+
+        hf = build_transformers_model(config.replace(img_size=example.shape[-1]), attn_implementation="sdpa")
+        hf_state = {k: v.to(torch.bfloat16) for k, v in from_native(state, "transformers").items()}
+        hf.load_state_dict(hf_state, assign=True)
+        hf = hf.to(device).eval().requires_grad_(False)
+        if name == "transformers-compiled":
+            for layer in hf.encoder.layer:
+                layer.compile()
+        return lambda x: hf(pixel_values=x.to(torch.bfloat16)).last_hidden_state
+    if name == "pure-bf16":
+        model = optimize_for_inference(ours(config, state, device, pure_bf16=True), amp_dtype=None)
+        return lambda x: model(x.to(torch.bfloat16))
+    model = ours(config, state, device)
+    if name != "eager":
+        mode = "max-autotune-no-cudagraphs" if name == "max-autotune" else None
+        optimize_for_inference(model, compile=True, fp8=name == "fp8", compile_mode=mode)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(x)
+
+    if name == "cudagraphs":
+        return CudaGraphForward(forward, example)
+    return forward
+
+
+def pooled(tokens: torch.Tensor) -> torch.Tensor:
+    """The linear probe's input: [cls, mean of patch tokens], fp32."""
+    tokens = tokens.float()
+    return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
+
+
+def fidelity(out: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor, head: torch.Tensor) -> dict[str, float]:
+    out = out.float()
+    cos = F.cosine_similarity(pooled(out), pooled(ref16), dim=-1)
+    agree = (pooled(out) @ head).argmax(-1) == (pooled(ref16) @ head).argmax(-1)
+    return {
+        "rel_err": ((out - ref32).norm() / ref32.norm()).item(),
+        "cos_min": cos.min().item(),
+        "cos_mean": cos.mean().item(),
+        "top1": agree.float().mean().item(),
+    }
+
+
+def reference_fp32(config, state, device, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The eager fp32 model's output tokens for x (in chunks, to bound activation memory)."""
+    model = ours(config, state, device, fp32=True)
+    with torch.inference_mode():
+        out = torch.cat([model(part).float() for part in x.split(chunk)])
+    del model
+    gc.collect()
+    return out
+
+
+def run_resolution(args, preset: str, res: int, batch: int, device: torch.device, ceiling: float) -> list[dict]:
+    """Every variant at one resolution and batch size; fidelity measured on the first of the two timing batches."""
+    config = get_config(preset).replace(img_size=res)  # pos_embed at this grid, as a segmentation backbone
+    state = base_state(config, device, args.seed)
+    flops = count_flops(config, res)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    inputs = [torch.randn(batch, 3, res, res, generator=gen).to(device) for _ in range(2)]
+    head = torch.randn(2 * config.embed_dim, 1000, generator=gen).to(device) / (2 * config.embed_dim) ** 0.5
+    ref32 = reference_fp32(config, state, device, inputs[0], args.fidelity_chunk)
+    rows, ref16 = [], None
+    for name in args.variants:
+        if name == "cudagraphs" and device.type != "cuda":
+            logging.info("skip cudagraphs: needs a GPU")
+            continue
+        reset_peak_memory(device)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            forward = build_variant(name, config, state, device, inputs[0])
+            synchronize(device)
+            build_s = time.perf_counter() - start
+            timing = time_calls(
+                lambda i, f=forward: f(inputs[i % 2]), device=device, warmup=args.warmup, iters=args.iters
+            )
+            peak = peak_memory_gib(device)
+            out = forward(inputs[0]).float()
+        img_s = batch / timing["median_s"]
+        row = {"preset": preset, "res": res, "batch": batch, "variant": name, "img_s": img_s}
+        row |= {"tflops": img_s * flops / 1e12, "setup_s": build_s + timing["first_s"], "peak_gib": peak}
+        row["pct_ceiling"] = 100 * row["tflops"] / ceiling
+        ref16 = out if name == "eager" else ref16
+        if ref16 is not None:
+            row |= fidelity(out, ref32, ref16, head)
+        rows.append(row | {"timing": timing, "build_s": build_s})
+        logging.info("%s %d px b%d %s: %.1f img/s", preset, res, batch, name, img_s)
+        del forward, out
+        gc.collect()
+    eager = [r["img_s"] for r in rows if r["variant"] == "eager"]
+    for row in rows:
+        row["speedup"] = row["img_s"] / eager[0] if eager else None
+    ceiling_row = {"preset": preset, "res": res, "batch": "-", "variant": "ceiling / FLOPs"}
+    return [ceiling_row | {"img_s": ceiling * 1e12 / flops, "tflops": ceiling, "pct_ceiling": 100.0}, *rows]
+
+
+def run_training(args, preset: str, device: torch.device, ceiling: float) -> list[dict[str, object]]:
+    """Forward + backward with activation checkpointing: fp32 master weights under bf16 autocast (full tuning)."""
+    res, batch = args.train_resolution, args.train_batch
+    config = get_config(preset).replace(img_size=res)
+    state = base_state(config, device, args.seed)
+    flops = 3 * count_flops(config, res)
+    rows = []
+    for name in args.train_variants:
+        reset_peak_memory(device)
+        with torch.device("meta"):
+            model = InternViT(config)
+        model.to_empty(device=device).load_state_dict(state)
+        model.train().set_grad_checkpointing(True)
+        if name == "compiled":
+            compile_blocks(model)
+        inputs = [torch.randn(batch, 3, res, res, device=device) for _ in range(2)]
+
+        def step(i: int, model=model, inputs=inputs) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(inputs[i % 2]).float().square().mean()
+            loss.backward()
+            model.zero_grad(set_to_none=False)
+
+        timing = time_calls(step, device=device, warmup=args.warmup, iters=args.iters)
+        img_s = batch / timing["median_s"]
+        row = {"preset": preset, "res": res, "batch": batch, "variant": f"train-{name} (fwd+bwd, AC)", "img_s": img_s}
+        row |= {"tflops": img_s * flops / 1e12, "setup_s": timing["first_s"], "peak_gib": peak_memory_gib(device)}
+        rows.append(row | {"pct_ceiling": 100 * row["tflops"] / ceiling, "timing": timing})
+        logging.info("train %s %d px b%d: %.2f img/s", name, res, batch, img_s)
+        del model, inputs
+        gc.collect()
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--preset", nargs="+", default=["internvit-6b-224px"], dest="presets")
+    p.add_argument("--resolutions", nargs="+", type=int, default=[224, 504])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128], help="per resolution: 1 value or one each")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    p.add_argument("--iters", type=int, default=10, help="timed calls (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    p.add_argument("--fidelity-chunk", type=int, default=16, help="batch of the fp32 reference forward")
+    p.add_argument("--ceiling-size", type=int, default=8192, help="n for the n^3 bf16 matmul ceiling")
+    p.add_argument("--train-resolution", type=int, default=504)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-variants", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="throughput.json", help="JSON with every number, the timings and the environment")
+    args = p.parse_args(argv)
+    if len(args.batch_sizes) not in (1, len(args.resolutions)):
+        p.error("--batch-sizes takes one value, or one per resolution")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    env = environment(device)
+    logging.info("environment: %s", env)
+    ceiling = matmul_ceiling_tflops(device, args.ceiling_size)
+    kind = str(ceiling_dtype(device)).removeprefix("torch.")
+    logging.info("%s matmul ceiling: %.1f TFLOP/s (%d^3)", kind, ceiling, args.ceiling_size)
+    batches = args.batch_sizes * len(args.resolutions) if len(args.batch_sizes) == 1 else args.batch_sizes
+    rows = []
+    for preset in args.presets:
+        for res, batch in zip(args.resolutions, batches, strict=True):
+            rows += run_resolution(args, preset, res, batch, device, ceiling)
+        if args.train_variants:
+            rows += run_training(args, preset, device, ceiling)
+    write_json(
+        args.out,
+        {
+            "environment": env,
+            "ceiling_tflops": ceiling,
+            "ceiling_size": args.ceiling_size,
+            "ceiling_dtype": kind,
+            "rows": rows,
+        },
+    )
+    print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
+    print(f"{kind} matmul ceiling {ceiling:.4g} TFLOP/s, measured in this run ({args.ceiling_size}^3)\n")
+    print(format_table([rounded({c: row.get(c) for c in TABLE}, digits=DIGITS) for row in rows]))
+    print(f"\nwrote {args.out}")
+    synchronize(device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Applied from outside the model: low-precision weight storage, per-block compilation, FP8 linears, CUDA graphs.
+
+`optimize_for_inference` is the fast default for a frozen backbone (evaluation, feature extraction, probing). It
+never changes what is computed beyond bf16 rounding:
+- matmul weights are *stored* in the autocast dtype. Autocast would cast them to exactly these values on every
+  forward anyway, so the features are the same as an fp32 model under autocast, with half the memory and no
+  per-forward cast; norms, LayerScale, cls and pos_embed stay fp32, so the residual stream stays fp32 (§1.3).
+- each block is compiled on its own ("regional compilation"): all blocks share one compiled graph, so the cost is
+  paid once per input shape, not once per block, and far below compiling the whole 48-block model. Inductor fuses
+  the RMSNorms, QK-norms, LayerScales and residual adds into a few kernels around the cuBLAS matmuls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from internvit.engine.float8 import convert_blocks_to_float8, float8_supported
+from internvit.errors import InternViTError
+
+log = logging.getLogger(__name__)
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def resolve_compile(setting: bool | None, device: torch.device | str) -> bool:
+    """`None` (auto) compiles on CUDA, where it pays; on the CPU compiling costs more than it saves for short runs."""
+    return torch.device(device).type == "cuda" if setting is None else bool(setting)
+
+
+@torch.no_grad()
+def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store Linear and Conv weights (and biases) in `dtype`, leaving every other parameter as it is."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.to(dtype)
+    return model
+
+
+def compile_blocks(model: nn.Module, *, mode: str | None = None) -> nn.Module:
+    """Compile each transformer block in place (regional compilation), and log what the first call of a shape costs."""
+    if mode not in COMPILE_MODES:
+        raise InternViTError(f"unknown compile mode {mode!r}", fix=f"use one of {COMPILE_MODES}")
+    # every block is its own module but the same code: one compiled graph serves all of them for a given shape;
+    # the limit bounds recompiles (a new batch size or resolution) before dynamo gives up and runs eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        block.compile(mode=mode, fullgraph=True)
+    log.info(
+        "compiling the %d blocks (one graph for all): the first batch of each new input shape pays for it",
+        len(model.blocks),
+    )
+    return model
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    amp_dtype: torch.dtype | None = torch.bfloat16,
+    compile: bool = True,
+    fp8: bool = False,
+    compile_mode: str | None = None,
+) -> nn.Module:
+    """The fast default for a frozen backbone, in place: eval mode, no grads, low-precision storage, fp8, compile.
+
+    `amp_dtype` is the autocast dtype the model will run under (None: full precision, storage untouched).
+    """
+    model.eval().requires_grad_(False)
+    device = next(model.parameters()).device
+    if amp_dtype is not None:
+        cast_matmul_weights(model, amp_dtype)
+    if fp8:
+        if not float8_supported(device):
+            raise InternViTError(
+                f"fp8 needs a GPU of compute capability 8.9 or newer (H100, H200, L40, RTX 4090); {device} has none",
+                fix="drop the fp8 option, or run on such a GPU",
+            )
+        num = convert_blocks_to_float8(model.blocks, out_dtype=amp_dtype or torch.bfloat16)
+        log.info("fp8: %d linear layers run as e4m3 x e4m3 matmuls with rowwise scales", num)
+    if compile:
+        compile_blocks(model, mode=compile_mode)
+    return model
+
+
+class CudaGraphForward:
+    """Replays one captured forward for a fixed input shape: removes the launch gaps between small kernels.
+
+    Pays at small batches (single-image inference), where the GPU otherwise idles between launches. The output
+    tensor is reused by the next call: copy it if it must outlive that.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, warmup: int = 3) -> None:
+        if example.device.type != "cuda":
+            raise InternViTError("CUDA graphs need a CUDA input", fix="run on a GPU, or call the model directly")
+        self.static_in = example.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            for _ in range(warmup):
+                fn(self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.static_in.shape:
+            raise ValueError(f"this graph was captured for {tuple(self.static_in.shape)}, got {tuple(x.shape)}")
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out

@@ -1,0 +1,83 @@
+"""CPU smoke runs of the benchmark scripts, with the debug preset: every stage runs and writes sane JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from internvit.data import build_eval_transform, normalize_images
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), "--device", "cpu", *args, "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| variant" in proc.stdout or "| stage" in proc.stdout  # the table is printed
+    return json.loads(out.read_text())
+
+
+def test_throughput_smoke(tmp_path):
+    args = ["--preset", "debug", "--resolutions", "56", "--batch-sizes", "4", "--iters", "2", "--warmup", "1"]
+    args += ["--ceiling-size", "128", "--train-resolution", "56", "--train-batch", "2", "--train-variants", "eager"]
+    args += ["--variants", "eager", "transformers", "compiled", "fp8"]
+    result = run_script("throughput.py", *args, tmp_path=tmp_path)
+    assert result["environment"]["torch"] == torch.__version__ and result["ceiling_tflops"] > 0
+    assert result["ceiling_dtype"] == "float32"  # a CPU's ceiling; bf16 on GPUs
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"ceiling / FLOPs", "eager", "transformers", "compiled", "fp8", "train-eager (fwd+bwd, AC)"}
+    ceiling = rows["ceiling / FLOPs"]
+    for name in ("eager", "transformers", "compiled", "fp8"):
+        row = rows[name]
+        assert row["img_s"] > 0 and row["timing"]["median_s"] > 0
+        # TFLOP/s and % of ceiling follow from img/s and the FLOP formula (ceiling img/s = ceiling rate / FLOPs)
+        assert row["tflops"] / ceiling["tflops"] == pytest.approx(row["img_s"] / ceiling["img_s"], rel=1e-6)
+        assert row["pct_ceiling"] == pytest.approx(100 * row["tflops"] / result["ceiling_tflops"], rel=1e-6)
+    assert rows["eager"]["speedup"] == 1.0
+    # fidelity: our fast path and transformers agree with the fp32 model; fp8 is close to bf16
+    assert rows["compiled"]["rel_err"] < 1e-2 and rows["transformers"]["rel_err"] < 1e-2
+    assert rows["compiled"]["cos_min"] > 0.9999
+    assert 0.99 < rows["fp8"]["cos_min"] < 1.0 and rows["fp8"]["rel_err"] > rows["compiled"]["rel_err"]
+    assert 0.0 <= rows["fp8"]["top1"] <= 1.0
+    train = rows["train-eager (fwd+bwd, AC)"]
+    assert train["img_s"] > 0 and train["batch"] == 2 and train["res"] == 56
+
+
+def test_input_pipeline_smoke(tmp_path):
+    args = ["--preset", "debug", "--img-size", "56", "--num-images", "40", "--batch-size", "8", "--workers", "0", "2"]
+    result = run_script("input_pipeline.py", *args, "--e2e-workers", "2", tmp_path=tmp_path)
+    rows = result["rows"]
+    loader = [r for r in rows if r["stage"] == "decode+transform"]
+    assert {(r["transform"], r["workers"]) for r in loader} == {("float", 0), ("float", 2), ("uint8", 0), ("uint8", 2)}
+    assert all(r["img_s"] > 0 and r["images"] == 32 for r in loader)  # 5 full batches, the first timed apart
+    (forward,) = [r for r in rows if r["stage"].startswith("forward")]
+    e2e = [r for r in rows if r["stage"] == "files -> features"]
+    assert len(e2e) == 2 and all(r["images"] == 40 for r in e2e)
+    for r in e2e:
+        assert r["pct_of_forward"] == pytest.approx(100 * r["img_s"] / forward["img_s"])
+
+
+def test_uint8_loading_then_device_normalisation_is_bit_identical():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    expected = build_eval_transform(224)(image)
+    raw = build_eval_transform(224, normalize=False)(image)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 224, 224)
+    assert torch.equal(normalize_images(raw.unsqueeze(0))[0], expected)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_images(expected)
