@@ -141,3 +141,17 @@ def test_segmentation_fp8_needs_a_frozen_backbone():
     cfg = SegBackboneConfig(checkpoint="random", preset="debug", frozen=False, fp8=True)
     with pytest.raises(InternViTError, match="frozen backbone only"):
         optimize_frozen_backbone(None, cfg, torch.device("cpu"))
+
+
+def test_cuda_graphs_need_a_cuda_input():
+    with pytest.raises(InternViTError, match="CUDA graphs need a CUDA input"):
+        parallelize.CudaGraphForward(lambda x: x, torch.zeros(1, 3, 56, 56))
+
+
+def test_float8_support_follows_the_compute_capability(monkeypatch):
+    from internvit.engine.float8 import float8_supported
+
+    for capability, expected in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert float8_supported("cuda") is expected
+    assert float8_supported("cpu") is True and float8_supported("mps") is False
