@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from internvit.atomic import write_json
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -118,3 +120,25 @@ def rounded(row: dict[str, object], digits: dict[str, int] | None = None) -> dic
         return value
 
     return {k: cell(k, v) for k, v in row.items()}
+
+
+class ResultLog:
+    """Result rows plus their context, rewritten atomically after every row: an interrupted or killed run keeps
+    everything it measured so far (`complete` says whether the run finished)."""
+
+    def __init__(self, path: str | Path, **context: object) -> None:
+        self.path, self.context, self.rows = Path(path), dict(context), []
+
+    def add(self, row: dict[str, object]) -> None:
+        self.rows.append(row)
+        self._write(complete=False)
+
+    @property
+    def ceiling(self) -> float:
+        return float(self.context["ceiling_tflops"])
+
+    def finish(self) -> None:
+        self._write(complete=True)
+
+    def _write(self, complete: bool) -> None:
+        write_json(self.path, {**self.context, "complete": complete, "rows": self.rows})

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import environment, pick_device, rounded, synchronize, time_calls
+from _bench import ResultLog, environment, pick_device, rounded, synchronize, time_calls
 from PIL import Image
 
-from internvit.atomic import write_json
 from internvit.data import build_dataset, build_eval_transform, normalize_images
 from internvit.data.imagenet import collate_skip_none
 from internvit.data.synthetic import SYNSETS
@@ -134,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             keep = list(range(min(args.num_images, len(datasets["float"]))))
             datasets = {k: torch.utils.data.Subset(d, keep) for k, d in datasets.items()}
-        rows = []
+        log = ResultLog(args.out, environment=env, args=vars(args))
+        rows = log.rows
         for kind, dataset in datasets.items():
             for workers in args.workers:
                 rate = loader_rate(dataset, batch_size=args.batch_size, workers=workers, device=device)
                 row = {"stage": "decode+transform", "transform": kind, "workers": workers, "batch": args.batch_size}
-                rows.append(row | rate | {"img_s_per_worker": rate["img_s"] / max(workers, 1)})
+                log.add(row | rate | {"img_s_per_worker": rate["img_s"] / max(workers, 1)})
                 logging.info("loader %s x%d: %.0f img/s", kind, workers, rate["img_s"])
 
         config = get_config(args.preset).replace(img_size=args.img_size)
@@ -152,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
         timing = time_calls(forward, device=device, warmup=2, iters=args.iters)  # also pays the compilation
         pure = args.batch_size / timing["median_s"]
-        rows.append({"stage": "forward only (random tensors)", "batch": args.batch_size, "img_s": pure})
+        log.add({"stage": "forward only (random tensors)", "batch": args.batch_size, "img_s": pure})
         workers = args.e2e_workers or os.cpu_count() or 1
         for kind, dataset in datasets.items():
             rate = end_to_end(model, dataset, batch_size=args.batch_size, workers=workers, device=device)
             row = {"stage": "files -> features", "transform": kind, "workers": workers, "batch": args.batch_size}
-            rows.append(row | rate | {"pct_of_forward": 100 * rate["img_s"] / pure})
+            log.add(row | rate | {"pct_of_forward": 100 * rate["img_s"] / pure})
             logging.info(
                 "end to end %s x%d: %.1f img/s (%.0f%% of forward)",
                 kind,
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate["img_s"],
                 rows[-1]["pct_of_forward"],
             )
-    write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
+    log.finish()
     print(
         f"\n{env['device_name']} ({env['device']}), {env['host_cpus']} host cores, torch {env['torch']}, {env['date']}"
     )

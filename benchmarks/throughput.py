@@ -18,6 +18,7 @@ Variants (weights random, the same for all; inputs random):
   compiled               OUR DEFAULT: ours with each block compiled (engine/parallelize.optimize_for_inference)
   max-autotune           compiled with inductor's max-autotune-no-cudagraphs (long compile)
   cudagraphs             compiled, then the whole forward replayed as one CUDA graph (GPU only)
+  cudnn-attention        compiled, with cuDNN's fused attention instead of PyTorch's default SDPA kernel (GPU only)
   pure-bf16              compiled, every weight bf16 and no autocast (the frozen segmentation backbone's numerics)
   fp8                    compiled, block linears as e4m3 x e4m3 matmuls with rowwise scales (H100/H200)
 
@@ -35,14 +36,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import logging
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from _bench import (
+    ResultLog,
     ceiling_dtype,
     environment,
     matmul_ceiling_tflops,
@@ -53,14 +57,16 @@ from _bench import (
     synchronize,
     time_calls,
 )
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from internvit.atomic import write_json
 from internvit.engine.parallelize import CudaGraphForward, cast_matmul_weights, compile_blocks, optimize_for_inference
 from internvit.engine.results import format_table
 from internvit.model import InternViT, count_flops, get_config
 from internvit.model.vit import build_model
 from internvit.weights import from_native
 
+CUDA_ONLY = ("cudagraphs", "cudnn-attention")
 VARIANTS = (
     "eager",
     "transformers",
@@ -68,12 +74,13 @@ VARIANTS = (
     "compiled",
     "max-autotune",
     "cudagraphs",
+    "cudnn-attention",
     "pure-bf16",
     "fp8",
 )
 DEFAULT_VARIANTS = ("eager", "transformers", "transformers-compiled", "compiled", "cudagraphs", "fp8")
 TABLE = ["preset", "res", "batch", "variant", "img_s", "tflops", "pct_ceiling", "speedup", "peak_gib", "setup_s"]
-TABLE += ["rel_err", "cos_min", "top1"]
+TABLE += ["rel_err", "cos_min", "top1", "error"]
 DIGITS = {"cos_min": 5, "top1": 3}  # decimals shown: a cosine of 0.9996 must not print as 1.0
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -126,7 +133,7 @@ def build_variant(name: str, config, state, device: torch.device, example: torch
         model = optimize_for_inference(ours(config, state, device, pure_bf16=True), amp_dtype=None)
         return lambda x: model(x.to(torch.bfloat16))
     model = ours(config, state, device)
-    if name != "eager":
+    if name != "eager":  # compiled, max-autotune, cudagraphs, cudnn-attention, fp8
         mode = "max-autotune-no-cudagraphs" if name == "max-autotune" else None
         optimize_for_inference(model, compile=True, fp8=name == "fp8", compile_mode=mode)
 
@@ -137,6 +144,11 @@ def build_variant(name: str, config, state, device: torch.device, example: torch
     if name == "cudagraphs":
         return CudaGraphForward(forward, example)
     return forward
+
+
+def attention_backend(variant: str) -> AbstractContextManager:
+    """cuDNN's attention for the cudnn-attention variant (chosen while compiling, so it must wrap the first call)."""
+    return sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if variant == "cudnn-attention" else nullcontext()
 
 
 def release_compiled() -> None:
@@ -173,81 +185,102 @@ def reference_fp32(config, state, device, x: torch.Tensor, chunk: int) -> torch.
     return out
 
 
-def run_resolution(args, preset: str, res: int, batch: int, device: torch.device, ceiling: float) -> list[dict]:
-    """Every variant at one resolution and batch size; fidelity measured on the first of the two timing batches."""
+def measure_forward(args, name: str, setting: dict, device: torch.device, refs: dict) -> dict[str, object]:
+    """Build one variant, time it, and compare its output on the first timing batch with the references."""
+    config, state, inputs, batch = setting["config"], setting["state"], setting["inputs"], setting["batch"]
+    reset_peak_memory(device)
+    with torch.inference_mode(), attention_backend(name):
+        start = time.perf_counter()
+        forward = build_variant(name, config, state, device, inputs[0])
+        synchronize(device)
+        build_s = time.perf_counter() - start
+        timing = time_calls(lambda i: forward(inputs[i % 2]), device=device, warmup=args.warmup, iters=args.iters)
+        peak = peak_memory_gib(device)
+        out = forward(inputs[0]).float()
+    img_s = batch / timing["median_s"]
+    tflops = img_s * setting["flops"] / 1e12
+    row = {"img_s": img_s, "tflops": tflops, "pct_ceiling": 100 * tflops / setting["ceiling"], "peak_gib": peak}
+    row |= {"setup_s": build_s + timing["first_s"], "build_s": build_s, "timing": timing}
+    if name == "eager":
+        refs["eager"], refs["eager_img_s"] = out, img_s
+    row["speedup"] = img_s / refs["eager_img_s"] if "eager_img_s" in refs else None
+    if "eager" in refs:
+        row |= fidelity(out, refs["fp32"], refs["eager"], refs["head"])
+    return row
+
+
+def run_resolution(args, preset: str, res: int, batch: int, device: torch.device, log: ResultLog) -> None:
+    """Every variant at one resolution and batch size, eager first (the reference for speed-up and fidelity)."""
     config = get_config(preset).replace(img_size=res)  # pos_embed at this grid, as a segmentation backbone
-    state = base_state(config, device, args.seed)
     flops = count_flops(config, res)
+    key = {"preset": preset, "res": res}
+    log.add(key | {"batch": "-", "variant": "ceiling / FLOPs", "img_s": log.ceiling * 1e12 / flops})
+    log.rows[-1] |= {"tflops": log.ceiling, "pct_ceiling": 100.0}
     gen = torch.Generator().manual_seed(args.seed + 1)
-    inputs = [torch.randn(batch, 3, res, res, generator=gen).to(device) for _ in range(2)]
-    head = torch.randn(2 * config.embed_dim, 1000, generator=gen).to(device) / (2 * config.embed_dim) ** 0.5
-    ref32 = reference_fp32(config, state, device, inputs[0], args.fidelity_chunk)
-    rows, ref16 = [], None
-    for name in args.variants:
-        if name == "cudagraphs" and device.type != "cuda":
-            logging.info("skip cudagraphs: needs a GPU")
+    setting = {"config": config, "state": base_state(config, device, args.seed), "batch": batch, "flops": flops}
+    setting |= {"inputs": [torch.randn(batch, 3, res, res, generator=gen).to(device) for _ in range(2)]}
+    setting["ceiling"] = log.ceiling
+    refs = {"head": torch.randn(2 * config.embed_dim, 1000, generator=gen).to(device) / (2 * config.embed_dim) ** 0.5}
+    refs["fp32"] = reference_fp32(config, setting["state"], device, setting["inputs"][0], args.fidelity_chunk)
+    for name in sorted(args.variants, key=lambda v: v != "eager"):
+        row = key | {"batch": batch, "variant": name}
+        if name in CUDA_ONLY and device.type != "cuda":
+            logging.info("skip %s: needs a GPU", name)
             continue
-        reset_peak_memory(device)
-        with torch.inference_mode():
-            start = time.perf_counter()
-            forward = build_variant(name, config, state, device, inputs[0])
-            synchronize(device)
-            build_s = time.perf_counter() - start
-            timing = time_calls(
-                lambda i, f=forward: f(inputs[i % 2]), device=device, warmup=args.warmup, iters=args.iters
-            )
-            peak = peak_memory_gib(device)
-            out = forward(inputs[0]).float()
-        img_s = batch / timing["median_s"]
-        row = {"preset": preset, "res": res, "batch": batch, "variant": name, "img_s": img_s}
-        row |= {"tflops": img_s * flops / 1e12, "setup_s": build_s + timing["first_s"], "peak_gib": peak}
-        row["pct_ceiling"] = 100 * row["tflops"] / ceiling
-        ref16 = out if name == "eager" else ref16
-        if ref16 is not None:
-            row |= fidelity(out, ref32, ref16, head)
-        rows.append(row | {"timing": timing, "build_s": build_s})
-        logging.info("%s %d px b%d %s: %.1f img/s", preset, res, batch, name, img_s)
-        del forward, out
+        if name.startswith("transformers") and importlib.util.find_spec("transformers") is None:
+            log.add(row | {"error": "transformers is not installed"})
+            continue
+        log.add(row | guarded(measure_forward, args, name, setting, device, refs))
+        logging.info("%s %d px b%d %s: %s img/s", preset, res, batch, name, log.rows[-1].get("img_s"))
         release_compiled()
-    eager = [r["img_s"] for r in rows if r["variant"] == "eager"]
-    for row in rows:
-        row["speedup"] = row["img_s"] / eager[0] if eager else None
-    ceiling_row = {"preset": preset, "res": res, "batch": "-", "variant": "ceiling / FLOPs"}
-    return [ceiling_row | {"img_s": ceiling * 1e12 / flops, "tflops": ceiling, "pct_ceiling": 100.0}, *rows]
 
 
-def run_training(args, preset: str, device: torch.device, ceiling: float) -> list[dict[str, object]]:
+def train_step(model: nn.Module, inputs: list[torch.Tensor], device: torch.device) -> Callable[[int], None]:
+    def step(i: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(inputs[i % 2]).float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=False)
+
+    return step
+
+
+def measure_training(args, name: str, config, state, device: torch.device, ceiling: float) -> dict[str, object]:
+    res, batch = args.train_resolution, args.train_batch
+    reset_peak_memory(device)
+    with torch.device("meta"):
+        model = InternViT(config)
+    model.to_empty(device=device).load_state_dict(state)
+    model.train().set_grad_checkpointing(True)
+    if name == "compiled":
+        compile_blocks(model)
+    inputs = [torch.randn(batch, 3, res, res, device=device) for _ in range(2)]
+    timing = time_calls(train_step(model, inputs, device), device=device, warmup=args.warmup, iters=args.iters)
+    img_s = batch / timing["median_s"]
+    tflops = img_s * 3 * count_flops(config, res) / 1e12
+    row = {"img_s": img_s, "tflops": tflops, "pct_ceiling": 100 * tflops / ceiling, "setup_s": timing["first_s"]}
+    return row | {"peak_gib": peak_memory_gib(device), "timing": timing}
+
+
+def run_training(args, preset: str, device: torch.device, log: ResultLog) -> None:
     """Forward + backward with activation checkpointing: fp32 master weights under bf16 autocast (full tuning)."""
     res, batch = args.train_resolution, args.train_batch
     config = get_config(preset).replace(img_size=res)
     state = base_state(config, device, args.seed)
-    flops = 3 * count_flops(config, res)
-    rows = []
     for name in args.train_variants:
-        reset_peak_memory(device)
-        with torch.device("meta"):
-            model = InternViT(config)
-        model.to_empty(device=device).load_state_dict(state)
-        model.train().set_grad_checkpointing(True)
-        if name == "compiled":
-            compile_blocks(model)
-        inputs = [torch.randn(batch, 3, res, res, device=device) for _ in range(2)]
-
-        def step(i: int, model=model, inputs=inputs) -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model(inputs[i % 2]).float().square().mean()
-            loss.backward()
-            model.zero_grad(set_to_none=False)
-
-        timing = time_calls(step, device=device, warmup=args.warmup, iters=args.iters)
-        img_s = batch / timing["median_s"]
-        row = {"preset": preset, "res": res, "batch": batch, "variant": f"train-{name} (fwd+bwd, AC)", "img_s": img_s}
-        row |= {"tflops": img_s * flops / 1e12, "setup_s": timing["first_s"], "peak_gib": peak_memory_gib(device)}
-        rows.append(row | {"pct_ceiling": 100 * row["tflops"] / ceiling, "timing": timing})
-        logging.info("train %s %d px b%d: %.2f img/s", name, res, batch, img_s)
-        del model, inputs
+        row = {"preset": preset, "res": res, "batch": batch, "variant": f"train-{name} (fwd+bwd, AC)"}
+        log.add(row | guarded(measure_training, args, name, config, state, device, log.ceiling))
+        logging.info("train %s %d px b%d: %s img/s", name, res, batch, log.rows[-1].get("img_s"))
         release_compiled()
-    return rows
+
+
+def guarded(measure: Callable[..., dict], *args) -> dict[str, object]:
+    """One variant's failure (out of memory, an unsupported kernel) is recorded in its row; the run goes on."""
+    try:
+        return measure(*args)
+    except Exception as e:  # noqa: BLE001 - a benchmark run must survive one variant; CI asserts no row has an error
+        logging.exception("variant failed")
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -269,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="throughput.json", help="JSON with every number, the timings and the environment")
     args = p.parse_args(argv)
-    if args.batch_sizes is None:  # 128 at 224 px, 32 at 448 and 504: about 32k tokens, enough to fill an H100
+    if args.batch_sizes is None:  # 128 at 224 px, 32 at 448, 24 at 504: about 32k tokens, enough to fill an H100
         args.batch_sizes = [max(1, 128 * 224**2 // r**2 // 8 * 8) for r in args.resolutions]
     if len(args.batch_sizes) not in (1, len(args.resolutions)):
         p.error("--batch-sizes takes one value, or one per resolution")
@@ -286,28 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     kind = str(ceiling_dtype(device)).removeprefix("torch.")
     logging.info("%s matmul ceiling: %.1f TFLOP/s (%d^3)", kind, ceiling, args.ceiling_size)
     batches = args.batch_sizes * len(args.resolutions) if len(args.batch_sizes) == 1 else args.batch_sizes
-    rows = []
+    log = ResultLog(args.out, environment=env, ceiling_tflops=ceiling, ceiling_size=args.ceiling_size)
+    log.context["ceiling_dtype"] = kind
     for preset in args.presets:
         for res, batch in zip(args.resolutions, batches, strict=True):
-            rows += run_resolution(args, preset, res, batch, device, ceiling)
+            run_resolution(args, preset, res, batch, device, log)
         if args.train_variants:
-            rows += run_training(args, preset, device, ceiling)
-    write_json(
-        args.out,
-        {
-            "environment": env,
-            "ceiling_tflops": ceiling,
-            "ceiling_size": args.ceiling_size,
-            "ceiling_dtype": kind,
-            "rows": rows,
-        },
-    )
+            run_training(args, preset, device, log)
+    log.finish()
+    rows = log.rows
     print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
     print(f"{kind} matmul ceiling {ceiling:.4g} TFLOP/s, measured in this run ({args.ceiling_size}^3)\n")
     print(format_table([rounded({c: row.get(c) for c in TABLE}, digits=DIGITS) for row in rows]))
     print(f"\nwrote {args.out}")
-    synchronize(device)
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 if __name__ == "__main__":

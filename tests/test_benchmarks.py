@@ -39,6 +39,7 @@ def test_throughput_smoke(tmp_path):
     result = run_script("throughput.py", *args, tmp_path=tmp_path)
     assert result["environment"]["torch"] == torch.__version__ and result["ceiling_tflops"] > 0
     assert result["ceiling_dtype"] == "float32"  # a CPU's ceiling; bf16 on GPUs
+    assert result["complete"] is True and not [row for row in result["rows"] if "error" in row]
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == {"ceiling / FLOPs", "eager", "transformers", "compiled", "fp8", "train-eager (fwd+bwd, AC)"}
     ceiling = rows["ceiling / FLOPs"]
@@ -62,6 +63,7 @@ def test_input_pipeline_smoke(tmp_path):
     args = ["--preset", "debug", "--img-size", "56", "--num-images", "40", "--batch-size", "8", "--workers", "0", "2"]
     result = run_script("input_pipeline.py", *args, "--e2e-workers", "2", tmp_path=tmp_path)
     rows = result["rows"]
+    assert result["complete"] is True
     loader = [r for r in rows if r["stage"] == "decode+transform"]
     assert {(r["transform"], r["workers"]) for r in loader} == {("float", 0), ("float", 2), ("uint8", 0), ("uint8", 2)}
     assert all(r["img_s"] > 0 and r["images"] == 32 for r in loader)  # 5 full batches, the first timed apart
@@ -81,3 +83,21 @@ def test_uint8_loading_then_device_normalisation_is_bit_identical():
     assert torch.equal(normalize_images(raw.unsqueeze(0))[0], expected)
     with pytest.raises(TypeError, match="uint8"):
         normalize_images(expected)
+
+
+def test_a_failing_variant_is_recorded_and_partial_results_are_kept(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from _bench import ResultLog
+    from throughput import guarded
+
+    def out_of_memory() -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB\nmore detail")
+
+    log = ResultLog(tmp_path / "r.json", ceiling_tflops=1.0)
+    log.add({"variant": "eager", "img_s": 10.0})
+    log.add({"variant": "fp8"} | guarded(out_of_memory))
+    partial = json.loads((tmp_path / "r.json").read_text())
+    assert partial["complete"] is False and len(partial["rows"]) == 2  # on disk after every row
+    assert partial["rows"][1]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 GiB"
+    log.finish()
+    assert json.loads((tmp_path / "r.json").read_text())["complete"] is True
