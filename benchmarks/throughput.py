@@ -38,12 +38,16 @@ import argparse
 import gc
 import importlib.util
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 from _bench import (
     ResultLog,
@@ -146,9 +150,16 @@ def build_variant(name: str, config, state, device: torch.device, example: torch
     return forward
 
 
-def attention_backend(variant: str) -> AbstractContextManager:
-    """cuDNN's attention for the cudnn-attention variant (chosen while compiling, so it must wrap the first call)."""
-    return sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if variant == "cudnn-attention" else nullcontext()
+@contextmanager
+def attention_backend(variant: str) -> Iterator[None]:
+    """cuDNN's attention for the cudnn-attention variant. The kernel is chosen while compiling, and the AOTAutograd
+    cache key does not record that choice: with the cache on, this variant could reuse the `compiled` variant's
+    flash-attention graph (or leave a cuDNN graph for later runs), so the cache is off for it."""
+    if variant != "cudnn-attention":
+        yield
+        return
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), functorch_config.patch(enable_autograd_cache=False):
+        yield
 
 
 def release_compiled() -> None:
@@ -178,7 +189,8 @@ def fidelity(out: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor, head: 
 def reference_fp32(config, state, device, x: torch.Tensor, chunk: int) -> torch.Tensor:
     """The eager fp32 model's output tokens for x (in chunks, to bound activation memory)."""
     model = ours(config, state, device, fp32=True)
-    with torch.inference_mode():
+    # no TF32 anywhere: matmuls default to full fp32, cuDNN convolutions (the patch embedding) do not
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         out = torch.cat([model(part).float() for part in x.split(chunk)])
     del model
     gc.collect()
@@ -280,6 +292,8 @@ def guarded(measure: Callable[..., dict], *args) -> dict[str, object]:
         return measure(*args)
     except Exception as e:  # noqa: BLE001 - a benchmark run must survive one variant; CI asserts no row has an error
         logging.exception("variant failed")
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a sticky CUDA error (illegal address) raises here and ends the run
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
@@ -300,6 +314,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-variants", nargs="*", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="reuse inductor's on-disk cache (default: a fresh one per run, so setup_s shows a cold compile)",
+    )
     p.add_argument("--out", default="throughput.json", help="JSON with every number, the timings and the environment")
     args = p.parse_args(argv)
     if args.batch_sizes is None:  # 128 at 224 px, 32 at 448, 24 at 504: about 32k tokens, enough to fill an H100
@@ -314,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
     env = environment(device)
+    cache = None if args.warm_cache else tempfile.mkdtemp(prefix="internvit-inductor-")
+    if cache:  # read lazily by inductor and Triton, so setting them before the first compile suffices
+        os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache, os.path.join(cache, "triton")
+    env["compile_cache"] = "warm (reused)" if args.warm_cache else "cold (fresh per run)"
     logging.info("environment: %s", env)
     ceiling = matmul_ceiling_tflops(device, args.ceiling_size)
     kind = str(ceiling_dtype(device)).removeprefix("torch.")
@@ -327,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_variants:
             run_training(args, preset, device, log)
     log.finish()
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
     rows = log.rows
     print(f"\n{env['device_name']} ({env['device']}), torch {env['torch']}, {env['date']}")
     print(f"{kind} matmul ceiling {ceiling:.4g} TFLOP/s, measured in this run ({args.ceiling_size}^3)\n")

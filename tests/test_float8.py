@@ -71,3 +71,17 @@ def test_fp8_model_features_stay_close_to_bf16():
     cos = F.cosine_similarity(fp8.flatten(1), bf16.flatten(1), dim=-1)
     assert (cos > 0.99).all()
     assert (fp8 - bf16).abs().max() > 0  # the fp8 path really ran
+
+
+def test_cpu_fallback_for_torch_without_rowwise_cpu_scaled_mm(monkeypatch):
+    """torch 2.11's CPU _scaled_mm takes per-tensor scales only: the dequantised product stands in for it."""
+    from internvit.engine import float8
+
+    torch.manual_seed(0)
+    fp8 = Float8Linear.from_linear(nn.Linear(64, 32))
+    x = torch.randn(7, 64)
+    native = fp8(x)
+    monkeypatch.setattr(float8, "_cpu_rowwise_scaled_mm", lambda: False)
+    emulated = fp8(x)
+    assert emulated.dtype == native.dtype == torch.bfloat16
+    assert torch.allclose(emulated.float(), native.float(), rtol=1e-2, atol=1e-2)

@@ -2,13 +2,18 @@
 
 Rowwise scaling keeps one outlier token or channel from flattening everyone else's resolution. The weights are
 quantised once; activations are quantised on the fly (under torch.compile the amax, divide and cast fuse into one
-pass). The matmul accumulates in fp32 and writes bf16. Runs on Hopper/Ada GPUs (compute capability >= 8.9) and on
-the CPU (slowly, for tests).
+pass). The matmul writes bf16; on Hopper it uses the fast-accumulation mode by default, as torchao's fp8 inference
+does (the benchmark's fidelity columns show what that costs). Runs on Hopper/Ada GPUs (compute capability >= 8.9) and
+on the CPU (slowly, for tests), where older torch releases lack rowwise `_scaled_mm` and the same product is computed
+from the dequantised operands.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -23,6 +28,17 @@ def quantize_rowwise(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x32 / scale_M1).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_M1
 
 
+@functools.cache
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU `_scaled_mm` takes rowwise scales (2.13 does; 2.11 takes one scale per tensor only)."""
+    a = torch.ones(16, 16).to(FP8_DTYPE)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def float8_supported(device: torch.device | str) -> bool:
     """FP8 matmuls need a GPU of compute capability 8.9+ (Ada, Hopper, Blackwell); the CPU path is for tests."""
     device = torch.device(device)
@@ -34,8 +50,11 @@ def float8_supported(device: torch.device | str) -> bool:
 class Float8Linear(nn.Module):
     """A frozen nn.Linear computed as fp8 x fp8 -> bf16 with rowwise scales (inference only)."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, out_dtype: torch.dtype) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, out_dtype: torch.dtype, fast_accum: bool = True
+    ) -> None:
         super().__init__()
+        self.fast_accum = fast_accum
         if in_features % 16 or out_features % 16:
             raise ValueError(f"fp8 matmuls need sizes divisible by 16, got {in_features} -> {out_features}")
         self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
@@ -59,18 +78,27 @@ class Float8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x_fp8, scale_M1 = quantize_rowwise(x.reshape(-1, self.in_features))
-        out = torch._scaled_mm(  # the (N, K) row-major weight, transposed, is the column-major operand cuBLAS wants
-            x_fp8,
-            self.weight.t(),
-            scale_a=scale_M1,
-            scale_b=self.weight_scale,
-            bias=self.bias,
-            out_dtype=self.out_dtype,
-        )
+        if x.device.type == "cpu" and not _cpu_rowwise_scaled_mm():
+            weight = self.weight.float() * self.weight_scale.t()
+            bias = self.bias.float() if self.bias is not None else None
+            out = F.linear(x_fp8.float() * scale_M1, weight, bias).to(self.out_dtype)
+        else:
+            out = torch._scaled_mm(  # the (N, K) row-major weight, transposed, is the column-major operand cuBLAS wants
+                x_fp8,
+                self.weight.t(),
+                scale_a=scale_M1,
+                scale_b=self.weight_scale,
+                bias=self.bias,
+                out_dtype=self.out_dtype,
+                use_fast_accum=self.fast_accum,
+            )
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, out_dtype={self.out_dtype}, "
+            f"fast_accum={self.fast_accum}"
+        )
 
 
 def convert_blocks_to_float8(blocks: nn.ModuleList, out_dtype: torch.dtype = torch.bfloat16) -> int:

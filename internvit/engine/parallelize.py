@@ -22,7 +22,9 @@ from internvit.engine.float8 import convert_blocks_to_float8, float8_supported
 from internvit.errors import InternViTError
 
 log = logging.getLogger(__name__)
-COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "max-autotune")
+# no mode that turns on inductor's own CUDA graphs: per-block graphs would reuse (overwrite) earlier blocks' outputs,
+# and they would nest inside CudaGraphForward's capture
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 def resolve_compile(setting: bool | None, device: torch.device | str) -> bool:
@@ -94,7 +96,8 @@ class CudaGraphForward:
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, warmup: int = 3) -> None:
         if example.device.type != "cuda":
             raise InternViTError("CUDA graphs need a CUDA input", fix="run on a GPU, or call the model directly")
-        self.static_in = example.clone()
+        with torch.inference_mode(False):  # a normal tensor, so later calls may copy into it outside inference mode
+            self.static_in = example.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
