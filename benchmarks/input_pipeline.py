@@ -27,12 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import ResultLog, environment, pick_device, rounded, synchronize, time_calls
+from _bench import ResultLog, environment, rounded, synchronize, time_calls
 from PIL import Image
 
+from internvit.classification.heads import cls_patch_concat
 from internvit.data import build_dataset, build_eval_transform, normalize_images
 from internvit.data.imagenet import collate_skip_none
 from internvit.data.synthetic import SYNSETS
+from internvit.engine.distributed import resolve_device
 from internvit.engine.parallelize import optimize_for_inference
 from internvit.engine.results import format_table
 from internvit.model import build_model, get_config
@@ -83,10 +85,6 @@ def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return normalize_images(images) if images.dtype == torch.uint8 else images
 
 
-def pooled(tokens: torch.Tensor) -> torch.Tensor:
-    return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1).float()
-
-
 def end_to_end(model, dataset, *, batch_size: int, workers: int, device: torch.device) -> dict[str, float]:
     """Files -> pooled features kept on the device (no per-batch sync), timed from the first batch to the last."""
     start = time.perf_counter()
@@ -96,7 +94,7 @@ def end_to_end(model, dataset, *, batch_size: int, workers: int, device: torch.d
     features = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         while batch is not None:
-            features.append(pooled(model(to_model_input(batch[0], device))))
+            features.append(cls_patch_concat(model(to_model_input(batch[0], device))))
             batch = next(loader, None)
         synchronize(device)
     elapsed = time.perf_counter() - first
@@ -122,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     env = environment(device)
     with tempfile.TemporaryDirectory(prefix="internvit-input-") as tmp:
         root = Path(args.data) if args.data else write_images(Path(tmp), args.num_images)
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def forward(i: int) -> None:
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
-                pooled(model(x[i % 2]))
+                cls_patch_concat(model(x[i % 2]))
 
         timing = time_calls(forward, device=device, warmup=2, iters=args.iters)  # also pays the compilation
         pure = args.batch_size / timing["median_s"]

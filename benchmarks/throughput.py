@@ -55,7 +55,6 @@ from _bench import (
     environment,
     matmul_ceiling_tflops,
     peak_memory_gib,
-    pick_device,
     reset_peak_memory,
     rounded,
     synchronize,
@@ -64,6 +63,8 @@ from _bench import (
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from internvit.classification.heads import cls_patch_concat
+from internvit.engine.distributed import resolve_device
 from internvit.engine.parallelize import CudaGraphForward, cast_matmul_weights, compile_blocks, optimize_for_inference
 from internvit.engine.results import format_table
 from internvit.model import InternViT, count_flops, get_config
@@ -168,16 +169,11 @@ def release_compiled() -> None:
     gc.collect()
 
 
-def pooled(tokens: torch.Tensor) -> torch.Tensor:
-    """The linear probe's input: [cls, mean of patch tokens], fp32."""
-    tokens = tokens.float()
-    return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
-
-
 def fidelity(out: torch.Tensor, ref32: torch.Tensor, ref16: torch.Tensor, head: torch.Tensor) -> dict[str, float]:
     out = out.float()
-    cos = F.cosine_similarity(pooled(out), pooled(ref16), dim=-1)
-    agree = (pooled(out) @ head).argmax(-1) == (pooled(ref16) @ head).argmax(-1)
+    probe_in, probe_ref = cls_patch_concat(out), cls_patch_concat(ref16.float())  # what a linear probe sees
+    cos = F.cosine_similarity(probe_in, probe_ref, dim=-1)
+    agree = (probe_in @ head).argmax(-1) == (probe_ref @ head).argmax(-1)
     return {
         "rel_err": ((out - ref32).norm() / ref32.norm()).item(),
         "cos_min": cos.min().item(),
@@ -331,7 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     env = environment(device)
     cache = None if args.warm_cache else tempfile.mkdtemp(prefix="internvit-inductor-")
     if cache:  # read lazily by inductor and Triton, so setting them before the first compile suffices

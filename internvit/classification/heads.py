@@ -124,6 +124,11 @@ class _ProbeHead(nn.Module):
         return self.head(self.norm(self.pool(x_BNC)))
 
 
+def cls_patch_concat(x_BNC: torch.Tensor) -> torch.Tensor:
+    """The paper's probe input: cat(cls token, mean of the N patch tokens), (B, 2C)."""
+    return torch.cat([x_BNC[:, 0], x_BNC[:, 1:].mean(dim=1)], dim=-1)
+
+
 class ClsPatchConcatHead(_ProbeHead):
     """Linear probe on cat(cls token, mean of the N patch tokens): the paper's IN-1K probe and the released head."""
 
@@ -134,7 +139,7 @@ class ClsPatchConcatHead(_ProbeHead):
         self.init_weights()
 
     def pool(self, x_BNC: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x_BNC[:, 0], x_BNC[:, 1:].mean(dim=1)], dim=-1)
+        return cls_patch_concat(x_BNC)
 
 
 class AttentionPoolingHead(_ProbeHead):

@@ -13,13 +13,13 @@ from internvit.classification.evaluate import evaluate_sets
 from internvit.classification.heads import build_head, load_head_state, save_head
 from internvit.classification.training import Trainer
 from internvit.data import build_eval_transform, load_image
-from internvit.engine.distributed import DistInfo, cleanup_distributed, seed_everything, start_run
+from internvit.engine.distributed import DistInfo, cleanup_distributed, resolve_device, seed_everything, start_run
 from internvit.engine.loop import AMP_DTYPES, autocast
 from internvit.engine.parallelize import optimize_for_inference, resolve_compile
 from internvit.engine.results import save_results
 from internvit.errors import InternViTError
-from internvit.model import InternViT, build_model, get_config
-from internvit.weights import load_model
+from internvit.model import InternViT
+from internvit.weights.loading import load_or_init_model
 
 log = logging.getLogger(__name__)
 COMPILE_MIN_IMAGES = 32  # `classify` compiles the backbone (on CUDA) only for at least this many images
@@ -41,12 +41,7 @@ def build_backbone(
     It will run under `amp` autocast: its matmul weights are stored in that dtype (the same values autocast would
     cast to), and its blocks are compiled when `compile` resolves to on (see engine/parallelize.py).
     """
-    if checkpoint == "random":
-        torch.manual_seed(seed)
-        model, source = build_model(get_config(preset or "debug").replace(img_size=img_size), device=device), "random"
-    else:
-        model, report = load_model(checkpoint, preset=preset, img_size=img_size, device=device)
-        source = report
+    model, source = load_or_init_model(checkpoint, preset=preset, img_size=img_size, device=device, seed=seed)
     optimize_for_inference(model, amp_dtype=AMP_DTYPES[amp], compile=resolve_compile(compile, device), fp8=fp8)
     return model, source
 
@@ -154,9 +149,7 @@ def run_classify(
     """Top-k class names with probabilities for each image, from a backbone and a saved head."""
     from internvit.classification.heads import read_head_file
 
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    dev = resolve_device(device)
     head_info = read_head_file(head)
     img_size = int(head_info.metadata.get("img_size", 224))
     amp = "bf16" if dev.type == "cuda" else "none"  # the protocol's eval numerics on GPUs; plain fp32 on the CPU

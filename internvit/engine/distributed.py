@@ -35,6 +35,13 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """ "auto": the GPU when one is visible, else the CPU; any other name as torch spells it ("cpu", "cuda:1")."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); a plain run is world size 1."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"

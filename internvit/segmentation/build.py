@@ -8,11 +8,10 @@ import torch
 
 from internvit.engine.parallelize import optimize_for_inference, resolve_compile
 from internvit.errors import InternViTError
-from internvit.model import build_model, get_config
 from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
 from internvit.segmentation.heads import FCNAuxHead, FPNAdapter, LinearHead, UPerHead
 from internvit.segmentation.segmentor import Segmentor
-from internvit.weights import load_model
+from internvit.weights.loading import load_or_init_model
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -22,14 +21,14 @@ def build_seg_backbone(cfg: SegBackboneConfig, device: torch.device, seed: int =
     """The backbone at cfg.img_size (pos_embed resized once), in its dtype, frozen or trainable; plus extras."""
     if cfg.dtype not in DTYPES:
         raise InternViTError(f"backbone.dtype must be one of {list(DTYPES)}", fix="use bf16 (the original) or fp32")
-    if cfg.checkpoint == "random":
-        torch.manual_seed(seed)
-        config = get_config(cfg.preset or "debug").replace(img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate)
-        backbone = build_model(config, device=device)
-    else:
-        backbone, _ = load_model(
-            cfg.checkpoint, preset=cfg.preset, img_size=cfg.img_size, device=device, drop_path_rate=cfg.drop_path_rate
-        )
+    backbone, _ = load_or_init_model(
+        cfg.checkpoint,
+        preset=cfg.preset,
+        img_size=cfg.img_size,
+        device=device,
+        seed=seed,
+        drop_path_rate=cfg.drop_path_rate,
+    )
     if cfg.frozen:  # a frozen backbone lives in bf16, as in the original's segmentation configs
         backbone = backbone.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
     else:  # fine-tuned: fp32 master weights under bf16 autocast (the DeepSpeed-bf16 setup); bf16 AdamW steps vanish

@@ -14,7 +14,7 @@ from internvit.data import load_image
 from internvit.data.ade20k import ADE20K_CLASS_NAMES, ADE20K_PALETTE
 from internvit.data.seg_transforms import TestPipeline
 from internvit.engine.config import to_dict
-from internvit.engine.distributed import cleanup_distributed, start_run
+from internvit.engine.distributed import cleanup_distributed, resolve_device, start_run
 from internvit.engine.results import save_results
 from internvit.errors import InternViTError
 from internvit.segmentation.build import (
@@ -131,9 +131,7 @@ def run_segment(
     if backbone:
         cfg.backbone.checkpoint = backbone
     cfg.head.checkpoint, cfg.device = checkpoint, device
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    dev = resolve_device(device)
     segmentor = build_segmentor(build_seg_backbone(cfg.backbone, dev), cfg.backbone, cfg.head).to(dev)
     load_segmentor_weights(segmentor, checkpoint)
     if cfg.backbone.compile is None:  # compiling pays back its cost only over many images

@@ -197,3 +197,20 @@ def load_model(
     report.preset = preset
     log.info("%s", report)
     return model, report
+
+
+def load_or_init_model(
+    source: str,
+    *,
+    preset: str | None,
+    img_size: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    drop_path_rate: float = 0.0,
+) -> tuple[InternViT, LoadReport | None]:
+    """`load_model`, or for source "random" a seeded random init of `preset` (default: debug), for tests and demos."""
+    if source != "random":
+        return load_model(source, preset=preset, img_size=img_size, device=device, drop_path_rate=drop_path_rate)
+    torch.manual_seed(seed)
+    config = get_config(preset or "debug").replace(img_size=img_size, drop_path_rate=drop_path_rate)
+    return build_model(config, device=device), None
