@@ -229,3 +229,51 @@ def test_fine_tuning_moves_the_backbone_at_the_paper_learning_rate(ade, tmp_path
         after = tuned[f"backbone.{key}"]
         assert after.dtype == torch.float32
         assert (after != source[key]).float().mean() > 0.5, key
+
+
+def test_two_process_training_killed_and_resumed_equals_uninterrupted(ade, tmp_path):
+    """DDP on 2 gloo processes: kill -9 the whole job mid-run, rerun, and get the weights of an uninterrupted run."""
+    data, checkpoint = ade
+    extra = {
+        "train.iters": 12,
+        "train.save_every": 3,
+        "train.eval_every": 100,
+        "train.batch_size": 2,
+        "train.global_batch": 8,  # 2 per process x 2 processes x 2 accumulation steps
+        "backbone.frozen": "false",
+        "backbone.drop_path_rate": 0.1,
+        "train.layer_decay": 0.9,
+        "train.lr": 0.002,
+    }
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    cmd = [*launcher, "internvit.cli", "seg", "train"]
+
+    def run(out: Path) -> subprocess.CompletedProcess:
+        args = small(data, checkpoint, out, **extra)
+        return subprocess.run([*cmd, *args], env=ENV, capture_output=True, text=True, timeout=400, check=False)
+
+    reference = run(tmp_path / "a")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    job = tmp_path / "b"
+    proc = subprocess.Popen(
+        [*cmd, *small(data, checkpoint, job, **extra)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the launcher and both workers die together
+    )
+    deadline = time.time() + 300
+    while not (job / "checkpoint.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (job / "last.safetensors").exists()
+    resumed = run(job)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(job / "last.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((job / "train_history.json").read_text())
+    assert history == json.loads((tmp_path / "a" / "train_history.json").read_text())
