@@ -33,7 +33,7 @@ from PIL import Image
 from internvit.classification.heads import cls_patch_concat
 from internvit.data import build_dataset, build_eval_transform, normalize_images
 from internvit.data.imagenet import collate_skip_none
-from internvit.data.synthetic import SYNSETS
+from internvit.demo.imagenet import SYNSETS
 from internvit.engine.distributed import resolve_device
 from internvit.engine.parallelize import optimize_for_inference
 from internvit.engine.results import format_table

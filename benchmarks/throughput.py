@@ -65,7 +65,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from internvit.classification.heads import cls_patch_concat
 from internvit.engine.distributed import resolve_device
-from internvit.engine.parallelize import CudaGraphForward, cast_matmul_weights, compile_blocks, optimize_for_inference
+from internvit.engine.parallelize import (
+    CudaGraphForward,
+    apply_activation_checkpointing,
+    cast_matmul_weights,
+    compile_blocks,
+    optimize_for_inference,
+)
 from internvit.engine.results import format_table
 from internvit.model import InternViT, count_flops, get_config
 from internvit.model.vit import build_model
@@ -259,7 +265,7 @@ def measure_training(args, name: str, config, state, device: torch.device, ceili
     with torch.device("meta"):
         model = InternViT(config)
     model.to_empty(device=device).load_state_dict(state)
-    model.train().set_grad_checkpointing(True)
+    apply_activation_checkpointing(model.train())
     if name == "compiled":
         compile_blocks(model)
     inputs = [torch.randn(batch, 3, res, res, device=device) for _ in range(2)]

@@ -11,17 +11,26 @@ from collections.abc import Sequence
 
 import torch
 
+from internvit.classification.config import ClassificationConfig
+from internvit.classification.run import run_classify
+from internvit.classification.run import run_eval as run_cls_eval
+from internvit.classification.run import run_train as run_cls_train
+from internvit.demo import run_demo
+from internvit.engine.config import load_config
 from internvit.engine.distributed import setup_logging
+from internvit.engine.precision import DTYPES
 from internvit.engine.results import format_table
 from internvit.errors import InternViTError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from internvit.model import PRESETS, InternViT, count_flops, count_params
+from internvit.segmentation.config import SegmentationConfig
+from internvit.segmentation.run import run_eval as run_seg_eval
+from internvit.segmentation.run import run_segment
+from internvit.segmentation.run import run_train as run_seg_train
+from internvit.weights import convert_checkpoint, inspect_checkpoint
+from internvit.weights.tags import DEFAULT_TAGS, TAGS
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from internvit.model import PRESETS, InternViT, count_flops, count_params
-    from internvit.weights.tags import DEFAULT_TAGS, TAGS
-
     if args.tags:
         rows = [
             {
@@ -56,8 +65,6 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from internvit.weights import convert_checkpoint
-
     start = time.perf_counter()
     meta = convert_checkpoint(
         args.src, args.dst, preset=args.preset, dtype=DTYPES.get(args.dtype), overwrite=args.force
@@ -69,8 +76,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from internvit.weights import inspect_checkpoint
-
     info = inspect_checkpoint(args.checkpoint)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -85,8 +90,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from internvit.demo import run_demo
-
     demo = run_demo(out_dir=args.out, seed=args.seed)
     print("\n== backbone: debug preset, generated checkpoint -> convert -> strict load -> features ==")
     print(format_table([{"item": k, "value": v} for k, v in demo["features"].items()]))
@@ -109,28 +112,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _classification_config(args: argparse.Namespace):
-    from internvit.classification.config import ClassificationConfig
-    from internvit.engine.config import load_config
-
     return load_config(ClassificationConfig, args.config, args.overrides)
 
 
 def cmd_cls_train(args: argparse.Namespace) -> None:
-    from internvit.classification.run import run_train
-
-    run_train(_classification_config(args))
+    run_cls_train(_classification_config(args))
 
 
 def cmd_cls_eval(args: argparse.Namespace) -> None:
-    from internvit.classification.run import run_eval
-
-    rows = run_eval(_classification_config(args))
+    rows = run_cls_eval(_classification_config(args))
     print(format_table(rows))
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    from internvit.classification.run import run_classify
-
     results = run_classify(
         args.images, backbone=args.backbone, head=args.head, preset=args.preset, topk=args.topk, device=args.device
     )
@@ -144,29 +138,20 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def _segmentation_config(args: argparse.Namespace):
-    from internvit.engine.config import load_config
-    from internvit.segmentation.config import SegmentationConfig
-
     return load_config(SegmentationConfig, args.config, args.overrides)
 
 
 def cmd_seg_train(args: argparse.Namespace) -> None:
-    from internvit.segmentation.run import run_train
-
-    summary = run_train(_segmentation_config(args))
+    summary = run_seg_train(_segmentation_config(args))
     if summary["best"] is not None:  # rank 0 only
         print(f"best: {summary['best']}")
 
 
 def cmd_seg_eval(args: argparse.Namespace) -> None:
-    from internvit.segmentation.run import run_eval
-
-    print(format_table(run_eval(_segmentation_config(args))))
+    print(format_table(run_seg_eval(_segmentation_config(args))))
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    from internvit.segmentation.run import run_segment
-
     results = run_segment(
         args.images, checkpoint=args.checkpoint, backbone=args.backbone, out_dir=args.out, device=args.device
     )

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from internvit.cli import main
-from internvit.data import make_mini_imagenet
 from internvit.demo import classification_overrides, make_demo_checkpoint
+from internvit.demo.imagenet import make_mini_imagenet
 from internvit.engine.schedule import cosine_lr
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -150,8 +150,8 @@ def test_config_mistakes_are_named(mini, tmp_path, capsys, override, message):
 @pytest.mark.parametrize(
     "switches",
     [
-        ["train.amp=fp16"],
-        ["train.amp=none", "train.mixup=0", "train.cutmix=0", "train.clip_grad=0"],
+        ["backbone.precision=fp16"],
+        ["backbone.precision=fp32", "train.mixup=0", "train.cutmix=0", "train.clip_grad=0"],
         ["head.kind=attention_pooling", "train.ema=false"],
         ["head.kind=clip_projector"],
     ],

@@ -11,15 +11,13 @@ from checkpoints import NotATensor, clip_projector, native_sd, save_pth
 from conftest import TINY_6B
 from safetensors.torch import save_file
 
+from internvit.classification.checkpoints import load_head_state, read_head_file, save_head
 from internvit.classification.heads import (
     HEADS,
     AttentionPoolingHead,
     ClipProjectorHead,
     ClsPatchConcatHead,
     build_head,
-    load_head_state,
-    read_head_file,
-    save_head,
 )
 from internvit.errors import InternViTError
 from internvit.weights import load_model

@@ -23,7 +23,7 @@ from internvit.data.ade20k import (
     split_hash,
     write_split_file,
 )
-from internvit.data.synthetic_ade import CLASS_COLOURS, make_mini_ade20k, used_classes
+from internvit.demo.ade20k import CLASS_COLOURS, make_mini_ade20k, used_classes
 from internvit.errors import InternViTError
 
 

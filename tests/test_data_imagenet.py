@@ -31,8 +31,8 @@ from internvit.data.imagenet_meta import (
     load_real_labels,
     load_wnids,
 )
-from internvit.data.synthetic import PALETTE, SYNSETS, make_mini_imagenet
 from internvit.data.transforms import build_eval_transform, build_train_transform
+from internvit.demo.imagenet import PALETTE, SYNSETS, make_mini_imagenet
 from internvit.errors import InternViTError
 from internvit.weights.tags import IMAGENET_MEAN, IMAGENET_STD
 

@@ -113,13 +113,13 @@ def test_fp8_on_a_gpu_without_fp8_is_refused(model, monkeypatch):
 
 
 def test_classification_backbone_takes_the_fast_path():
-    from internvit.classification.run import build_backbone
+    from internvit.classification.build import build_backbone
 
     kwargs = dict(preset="debug", img_size=56, device=torch.device("cpu"))
-    fast, _ = build_backbone("random", amp="bf16", compile=True, **kwargs)
+    fast, _ = build_backbone("random", precision="bf16", compile=True, **kwargs)
     assert fast.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16 and fast.blocks[0].ls1.gamma.dtype == torch.float32
     assert all(block._compiled_call_impl is not None for block in fast.blocks)
-    plain, _ = build_backbone("random", amp="none", **kwargs)  # compile=None: auto, off on the CPU
+    plain, _ = build_backbone("random", precision="fp32", **kwargs)  # compile=None: auto, off on the CPU
     assert all(p.dtype == torch.float32 for p in plain.parameters())
     assert all(block._compiled_call_impl is None for block in plain.blocks)
 

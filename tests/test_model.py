@@ -6,6 +6,7 @@ import torch
 from conftest import TINY_6B, TINY_300M, randomize_
 from torch.utils.flop_counter import FlopCounterMode
 
+from internvit.engine.parallelize import apply_activation_checkpointing
 from internvit.model import PRESETS, InternViT, build_model, count_flops, count_params, get_config, resize_pos_embed
 from internvit.model.layers import RMSNorm
 
@@ -198,9 +199,10 @@ def test_grad_checkpointing_changes_nothing_numerically():
     model(x).square().mean().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.set_grad_checkpointing(True)
+    apply_activation_checkpointing(model)  # from outside the model, as the engine does
     model(x).square().mean().backward()
-    for name, p in model.named_parameters():
+    assert list(model.state_dict()) == list(plain)  # the wrapper keeps the state-dict keys
+    for name, p in zip(plain, model.parameters(), strict=True):
         assert torch.allclose(p.grad, plain[name], atol=1e-6), name
 
 

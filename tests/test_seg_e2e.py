@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from internvit.cli import main
-from internvit.data.synthetic_ade import make_mini_ade20k
 from internvit.demo import make_demo_checkpoint, segmentation_overrides
+from internvit.demo.ade20k import make_mini_ade20k
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs", "segmentation").glob("*.yaml"))
@@ -80,7 +80,7 @@ def test_every_paper_setting_runs(ade, tmp_path, config):
         "head.channels": 16,
         "train.batch_size": 2,
         "train.global_batch": 2,
-        "backbone.dtype": "bf16",  # the original regime: bf16 backbone, fp32 heads
+        "backbone.precision": "bf16",  # the original regime: bf16 backbone, fp32 heads
     }
     if "out_indices: [11, 23, 35, 47]" in text:
         extra["backbone.out_indices"] = "[0,1,2,3]"
@@ -167,8 +167,8 @@ def test_released_mmseg_checkpoint_loads_into_the_segmentor(tmp_path):
     """A synthetic checkpoint in the released layout (meta + state_dict, FPN under backbone.up*) loads bit-exactly."""
     from internvit.model import build_model, get_config
     from internvit.segmentation.build import build_segmentor
+    from internvit.segmentation.checkpoints import load_segmentor_weights
     from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
-    from internvit.segmentation.run import load_segmentor_weights
 
     def fresh(seed: int):
         torch.manual_seed(seed)
@@ -219,7 +219,7 @@ def test_fine_tuning_moves_the_backbone_at_the_paper_learning_rate(ade, tmp_path
         "train.iters": 2,
         "train.eval_every": 2,
         "train.lr": 4e-5,
-        "backbone.dtype": "bf16",
+        "backbone.precision": "bf16",
         "backbone.drop_path_rate": 0.0,
     }
     assert main(["seg", "train", "--config", str(config), *small(data, checkpoint, tmp_path / "run", **extra)]) == 0

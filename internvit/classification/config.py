@@ -4,29 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from internvit.engine.config import BackboneConfig
+
 EVAL_SETS = ("in1k", "real", "v2", "a", "r", "sketch")
-AMP_MODES = ("bf16", "fp16", "none")
+HEAD_KINDS = ("cls_patch_concat", "attention_pooling", "clip_projector")
 
 
-@dataclass
-class BackboneConfig:
-    checkpoint: str = "internvit-6b-224px"  # file, folder, named tag or hub id; "random" = random init (tests, demo)
-    preset: str | None = None  # default: detected from the checkpoint
-    img_size: int = 224
-    # the fast inference path for the frozen backbone (engine/parallelize.py): null = compile on CUDA only
-    compile: bool | None = None
-    fp8: bool = False  # e4m3 matmuls with rowwise scales (H100/H200); faster, not bit-faithful: see docs/performance.md
-
-
-@dataclass
+@dataclass(frozen=True)
 class HeadConfig:
-    kind: str = "cls_patch_concat"  # cls_patch_concat | attention_pooling | clip_projector
+    kind: str = "cls_patch_concat"  # cls_patch_concat | attention_pooling | clip_projector (HEADS)
     num_classes: int = 1000
     checkpoint: str = ""  # released or saved head to start from / evaluate
     use_ema: bool = False  # with a training checkpoint: take its EMA head
 
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head.kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}")
+        if self.num_classes < 1:
+            raise ValueError("head.num_classes must be >= 1")
 
-@dataclass
+
+@dataclass(frozen=True)
 class DataConfig:
     imagenet: str = "data/imagenet-1k"  # train/ and val/ (+ val.txt or devkit for flat val, real.json)
     val_labels: str = ""  # default: detected next to val/
@@ -39,7 +37,7 @@ class DataConfig:
     skip_corrupt: bool = False  # skip undecodable images (counted in the results) instead of stopping
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     warmup_epochs: int = 1
@@ -62,13 +60,10 @@ class TrainConfig:
     ema: bool = True
     ema_decay: float = 0.998
     sync_bn: bool = True
-    amp: str = "bf16"  # bf16 | fp16 (with GradScaler, as the original) | none
     seed: int = 0
     eval_every: int = 1  # epochs; evaluates IN-1K val with the raw and the EMA head
 
     def __post_init__(self) -> None:
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"train.amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name in ("epochs", "batch_size", "global_batch", "lr_ref_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
@@ -76,7 +71,7 @@ class TrainConfig:
             raise ValueError("train.warmup_epochs must be between 0 and train.epochs")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     sets: list[str] = field(default_factory=lambda: list(EVAL_SETS))
     batch_size: int = 128
@@ -87,7 +82,7 @@ class EvalConfig:
             raise ValueError(f"eval.sets: unknown set {bad[0]!r} (valid: {', '.join(EVAL_SETS)})")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassificationConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)

@@ -14,8 +14,9 @@ from internvit.classification.config import DataConfig
 from internvit.classification.metrics import PAPER_RESULTS_DETAILED, real_hits, restrict_logits, summarize, topk_hits
 from internvit.data.imagenet import build_dataset, collate_skip_none
 from internvit.data.imagenet_meta import load_wnids
-from internvit.engine.distributed import DistInfo
-from internvit.engine.loop import build_loader, predict_scores
+from internvit.engine.data import build_eval_loader
+from internvit.engine.distributed import DistInfo, all_gather_objects
+from internvit.engine.precision import autocast
 
 log = logging.getLogger(__name__)
 SET_NAMES = {
@@ -48,6 +49,14 @@ def imagenet_wnids(data: DataConfig) -> list[str] | None:
     return None
 
 
+def build_eval_sets(
+    names: list[str], data: DataConfig, transform: Callable, wnids: list[str] | None = None
+) -> dict[str, object]:
+    """The test sets by name (file indexes only: cheap, so a wrong path fails before the backbone loads)."""
+    wnids = wnids or (imagenet_wnids(data) if {"a", "r"} & set(names) else None)
+    return {name: build_eval_set(name, data, transform, wnids) for name in names}
+
+
 def build_eval_set(name: str, data: DataConfig, transform: Callable, wnids: list[str] | None):
     return build_dataset(
         name,
@@ -77,26 +86,76 @@ def make_scorer(name: str, dataset) -> Callable[[str, torch.Tensor, torch.Tensor
     return score
 
 
+@torch.no_grad()
+def predict_scores(
+    *,
+    backbone: nn.Module,
+    heads: dict[str, nn.Module],
+    loader,
+    score: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    precision: str,
+    device: torch.device,
+    progress: Callable[[int], None] = lambda n: None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-sample scores of every head, gathered from all ranks and ordered by dataset index (each sample once).
+
+    The backbone runs once per batch for all heads. `score(head_name, logits, targets, indices)` returns a dict of
+    per-sample tensors (e.g. top-1 / top-5 hits).
+    """
+    for head in heads.values():
+        head.eval()
+    local: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in heads}
+    indices: list[torch.Tensor] = []
+    for batch in loader:
+        if batch is None:  # every image of this batch was undecodable and skipped (skip_corrupt)
+            continue
+        images, targets, idx = batch[0].to(device, non_blocking=True), batch[1], batch[2]
+        with autocast(device, precision):
+            tokens = backbone.forward_features(images)
+            for name, head in heads.items():
+                for key, value in score(name, head(tokens).float().cpu(), targets, idx).items():
+                    local[name].setdefault(key, []).append(value.cpu())
+        indices.append(idx.cpu())
+        progress(len(idx))
+    mine = {
+        "index": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+        "scores": {n: {k: torch.cat(v) for k, v in d.items()} for n, d in local.items()},
+    }
+    return _merge_ranks(all_gather_objects(mine))
+
+
+def _merge_ranks(parts: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    index = torch.cat([p["index"] for p in parts])
+    if index.unique().numel() != index.numel():
+        raise RuntimeError("a sample was scored twice across ranks")
+    order = index.argsort()
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for name in parts[0]["scores"]:
+        keys = {k for p in parts for k in p["scores"][name]}
+        merged[name] = {
+            k: torch.cat([p["scores"][name][k] for p in parts if k in p["scores"][name]])[order] for k in keys
+        }
+    merged["_index"] = {"index": index[order]}
+    return merged
+
+
 def evaluate_sets(
     *,
     backbone: nn.Module,
     heads: dict[str, nn.Module],
-    sets: list[str],
-    data: DataConfig,
-    transform: Callable,
+    datasets: dict[str, object],
     dist: DistInfo,
     batch_size: int,
-    amp: str,
-    wnids: list[str] | None = None,
+    precision: str,
+    num_workers: int = 0,
+    skip_corrupt: bool = False,
 ) -> list[dict[str, object]]:
     """One result row per (set, head): Acc@1, Acc@5, images scored and skipped, beside the paper's linear probe."""
-    wnids = wnids or (imagenet_wnids(data) if {"a", "r"} & set(sets) else None)
     rows = []
-    for name in sets:
-        dataset = build_eval_set(name, data, transform, wnids)
-        collate = collate_skip_none if data.skip_corrupt else None
-        loader = build_loader(
-            dataset, batch_size=batch_size, dist=dist, train=False, num_workers=data.num_workers, collate_fn=collate
+    for name, dataset in datasets.items():
+        collate = collate_skip_none if skip_corrupt else None
+        loader = build_eval_loader(
+            dataset, batch_size=batch_size, dist=dist, num_workers=num_workers, collate_fn=collate
         )
         bar = tqdm(total=len(loader.sampler), desc=f"eval {name}", unit="img", disable=not dist.is_main, leave=False)
         scores = predict_scores(
@@ -104,7 +163,7 @@ def evaluate_sets(
             heads=heads,
             loader=loader,
             score=make_scorer(name, dataset),
-            amp=amp,
+            precision=precision,
             device=dist.device,
             progress=bar.update,
         )

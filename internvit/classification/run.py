@@ -1,138 +1,215 @@
-"""Entry points of the linear-probe protocol: run_train, run_eval, run_classify (they assemble engine pieces)."""
+"""Entry points of the linear-probe protocol: run_train, run_eval, run_classify (they assemble engine pieces).
+
+Start-up order: everything cheap is checked first (data folders and class counts, the accumulation and steps per
+epoch, the resume settings), `config.yaml` is written once those pass, and only then does the backbone load.
+"""
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 
 import torch
-from torch import nn
 
+from internvit.classification.build import build_backbone, new_head
+from internvit.classification.checkpoints import head_metadata, load_head_state, read_head_file, save_head
 from internvit.classification.config import ClassificationConfig
-from internvit.classification.evaluate import evaluate_sets
-from internvit.classification.heads import build_head, load_head_state, save_head
-from internvit.classification.training import Trainer
-from internvit.data import build_eval_transform, load_image
-from internvit.engine.distributed import DistInfo, cleanup_distributed, resolve_device, seed_everything, start_run
-from internvit.engine.loop import AMP_DTYPES, autocast
-from internvit.engine.parallelize import optimize_for_inference, resolve_compile
+from internvit.classification.evaluate import build_eval_sets, evaluate_sets
+from internvit.classification.heads import build_head
+from internvit.classification.recipe import ProbeRecipe, accumulation_steps, run_signature
+from internvit.data import build_eval_transform, build_train_transform, load_image
+from internvit.data.imagenet import build_dataset, collate_skip_none
+from internvit.data.images import check_image_paths
+from internvit.engine.checkpoint import Checkpointer
+from internvit.engine.data import TrainBatches
+from internvit.engine.distributed import cleanup_distributed, resolve_device, save_config, seed_everything, start_run
+from internvit.engine.ema import ModelEma
+from internvit.engine.loop import LoopSettings, train
+from internvit.engine.parallelize import parallelize
+from internvit.engine.precision import autocast, needs_grad_scaler
 from internvit.engine.results import save_results
+from internvit.engine.schedule import StepScheduler, cosine_lr
 from internvit.errors import InternViTError
-from internvit.model import InternViT
-from internvit.weights.loading import load_or_init_model
 
 log = logging.getLogger(__name__)
 COMPILE_MIN_IMAGES = 32  # `classify` compiles the backbone (on CUDA) only for at least this many images
 
 
-def build_backbone(
-    checkpoint: str,
-    *,
-    preset: str | None,
-    img_size: int,
-    device: torch.device,
-    seed: int = 0,
-    amp: str = "none",
-    compile: bool | None = None,
-    fp8: bool = False,
-):
-    """The frozen backbone, loaded from `checkpoint` ("random": random init), on the fast inference path.
-
-    It will run under `amp` autocast: its matmul weights are stored in that dtype (the same values autocast would
-    cast to), and its blocks are compiled when `compile` resolves to on (see engine/parallelize.py).
-    """
-    model, source = load_or_init_model(checkpoint, preset=preset, img_size=img_size, device=device, seed=seed)
-    optimize_for_inference(model, amp_dtype=AMP_DTYPES[amp], compile=resolve_compile(compile, device), fp8=fp8)
-    return model, source
-
-
-def head_metadata(head_kind: str, backbone: InternViT, num_classes: int, class_names: list[str], checkpoint: str):
-    cfg = backbone.config
-    return {
-        "kind": head_kind,
-        "num_classes": str(num_classes),
-        "embed_dim": str(cfg.embed_dim),
-        "num_heads": str(cfg.num_heads),
-        "img_size": str(cfg.img_size),
-        "backbone": checkpoint,
-        "class_names": json.dumps(class_names),
-    }
-
-
-def new_head(cfg: ClassificationConfig, backbone: InternViT, extras: dict | None, device: torch.device) -> nn.Module:
-    head = build_head(
-        cfg.head.kind,
-        embed_dim=backbone.embed_dim,
-        num_heads=backbone.config.num_heads,
-        num_classes=cfg.head.num_classes,
+def _train_data(cfg: ClassificationConfig, dist) -> tuple[object, TrainBatches, int, int]:
+    """The training set and its batches, the accumulation steps and steps per epoch (checked, no backbone)."""
+    t = cfg.train
+    accum = accumulation_steps(t.global_batch, t.batch_size, dist.world_size)
+    train_set = build_dataset(
+        "in1k",
+        cfg.data.imagenet,
+        split="train",
+        transform=build_train_transform(cfg.backbone.img_size),
+        skip_corrupt=cfg.data.skip_corrupt,
     )
-    if cfg.head.kind == "clip_projector":
-        if not extras:
-            raise InternViTError(
-                "the clip_projector head needs the backbone checkpoint's clip_projector.* tensors",
-                fix="use the original InternVL .pth (tag internvit-6b-224px.internvl)",
-            )
-        head.load_clip_projector(extras)
-    if cfg.head.checkpoint:
-        load_head_state(cfg.head.checkpoint, head, use_ema=cfg.head.use_ema)
-    return head.to(device)
+    if train_set.num_classes != cfg.head.num_classes:
+        raise InternViTError(
+            f"the training set has {train_set.num_classes} classes but head.num_classes={cfg.head.num_classes}",
+            fix="set head.num_classes to match",
+        )
+    batches = TrainBatches(
+        train_set,
+        batch_size=t.batch_size,
+        dist=dist,
+        seed=t.seed,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_skip_none if cfg.data.skip_corrupt else None,
+    )
+    steps_per_epoch = batches.per_epoch // accum
+    if steps_per_epoch < 1:
+        raise InternViTError(
+            f"{len(train_set)} training images give no full step of {t.global_batch}", fix="lower train.global_batch"
+        )
+    return train_set, batches, accum, steps_per_epoch
 
 
-def _backbone_and_extras(cfg: ClassificationConfig, dist: DistInfo):
+def _backbone_and_head(cfg: ClassificationConfig, device: torch.device):
     backbone, source = build_backbone(
         cfg.backbone.checkpoint,
         preset=cfg.backbone.preset,
         img_size=cfg.backbone.img_size,
-        device=dist.device,
+        device=device,
         seed=cfg.train.seed,
-        amp=cfg.train.amp,
+        precision=cfg.backbone.precision,
         compile=cfg.backbone.compile,
         fp8=cfg.backbone.fp8,
     )
-    extras = getattr(source, "extras", None)
-    log.info("backbone: %s (%s, %d px)", cfg.backbone.checkpoint, backbone.config.depth, backbone.config.img_size)
-    return backbone, extras
+    head = new_head(
+        cfg.head.kind,
+        backbone=backbone,
+        num_classes=cfg.head.num_classes,
+        extras=getattr(source, "extras", None),
+        checkpoint=cfg.head.checkpoint,
+        use_ema=cfg.head.use_ema,
+        device=device,
+    )
+    return backbone, head
+
+
+def _optimisation(head: torch.nn.Module, t, *, steps_per_epoch: int):
+    """SGD (Nesterov) over the trainable head parameters and timm's per-step cosine, both scaled to the global batch."""
+    lr_scale = t.global_batch / t.lr_ref_batch  # lr, warmup lr and min lr all scale with it (REFERENCE §4.1)
+    lr = t.base_lr * lr_scale
+    params = [p for p in head.parameters() if p.requires_grad]  # a frozen clip_projector stays out
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+    schedule = functools.partial(
+        cosine_lr,
+        base_lr=lr,
+        total_steps=t.epochs * steps_per_epoch,
+        warmup_steps=t.warmup_epochs * steps_per_epoch,
+        warmup_lr=t.warmup_lr * lr_scale,
+        min_lr=t.min_lr * lr_scale,
+    )
+    return optimizer, StepScheduler(optimizer, schedule, lag_one_step=t.lr_lag_one_step), lr
 
 
 def run_train(cfg: ClassificationConfig) -> dict[str, object]:
     """Train a head on frozen features with the paper recipe; resumes from the run folder; saves the heads."""
-    dist, run_dir = start_run(cfg, cfg.output_dir, cfg.device)
+    t = cfg.train
+    dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
-        seed_everything(cfg.train.seed + dist.rank)
-        backbone, extras = _backbone_and_extras(cfg, dist)
-        head = new_head(cfg, backbone, extras, dist.device)
-        trainer = Trainer(cfg, backbone=backbone, head=head, dist=dist, run_dir=run_dir)
-        summary = trainer.fit()
+        train_set, batches, accum, steps_per_epoch = _train_data(cfg, dist)
+        val_sets = build_eval_sets(["in1k"], cfg.data, build_eval_transform(cfg.backbone.img_size), train_set.classes)
+        signature = run_signature(
+            t,
+            cfg.head,
+            cfg.backbone.precision,
+            world_size=dist.world_size,
+            steps_per_epoch=steps_per_epoch,
+            accum=accum,
+        )
+        checkpointer = Checkpointer(run_dir, signature=signature, dist=dist)
+        resume = checkpointer.find()
+        save_config(cfg, run_dir, dist)
+        seed_everything(t.seed + dist.rank)
+        backbone, head = _backbone_and_head(cfg, dist.device)
+        model = parallelize(head, dist=dist, sync_bn=t.sync_bn)
+        optimizer, scheduler, lr = _optimisation(head, t, steps_per_epoch=steps_per_epoch)
+        log.info(
+            "global batch %d = %d per process x %d process(es) x %d accumulation step(s); lr = %g x %d / %d = %g",
+            *(t.global_batch, t.batch_size, dist.world_size, accum, t.base_lr, t.global_batch, t.lr_ref_batch),
+            lr,
+        )
+        ema = ModelEma(head, decay=t.ema_decay) if t.ema else None
+        evaluate = functools.partial(
+            evaluate_sets,
+            backbone=backbone,
+            datasets=val_sets,
+            dist=dist,
+            batch_size=cfg.eval.batch_size,
+            precision=cfg.backbone.precision,
+            num_workers=cfg.data.num_workers,
+            skip_corrupt=cfg.data.skip_corrupt,
+        )
+        recipe = ProbeRecipe(
+            backbone=backbone,
+            head=head,
+            model=model,
+            ema=ema,
+            batches=batches,
+            train=t,
+            num_classes=cfg.head.num_classes,
+            precision=cfg.backbone.precision,
+            steps_per_epoch=steps_per_epoch,
+            accum=accum,
+            evaluate=evaluate,
+            dist=dist,
+        )
+        settings = LoopSettings(
+            total_steps=t.epochs * steps_per_epoch,
+            accum_steps=accum,
+            eval_every=t.eval_every * steps_per_epoch,
+            save_every=steps_per_epoch,
+            clip_grad=t.clip_grad,
+            grad_scaler=needs_grad_scaler(cfg.backbone.precision),
+        )
+        history = train(
+            recipe,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            settings=settings,
+            checkpointer=checkpointer,
+            resume=resume,
+            dist=dist,
+            run_dir=run_dir,
+        )
         if dist.is_main:
-            meta = head_metadata(
-                cfg.head.kind, backbone, cfg.head.num_classes, trainer.class_names, cfg.backbone.checkpoint
-            )
-            save_head(trainer.head, run_dir / "head.safetensors", metadata=meta)
-            if trainer.ema is not None:
-                save_head(trainer.ema.module, run_dir / "head_ema.safetensors", metadata=meta)
-            save_results(summary["history"], run_dir, "train_history")
-        return summary
+            class_names = list(train_set.class_names)
+            meta = head_metadata(cfg.head.kind, backbone, cfg.head.num_classes, class_names, cfg.backbone.checkpoint)
+            save_head(head, run_dir / "head.safetensors", metadata=meta)
+            if ema is not None:
+                save_head(ema.module, run_dir / "head_ema.safetensors", metadata=meta)
+            save_results(history, run_dir, "train_history")
+            log.info("heads saved to %s", run_dir)
+        return {"history": history, "lr": lr, "accum_steps": accum}
     finally:
         cleanup_distributed()
 
 
 def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
     """Score the head (cfg.head.checkpoint) on any subset of the six test sets with one backbone load."""
-    dist, run_dir = start_run(cfg, cfg.output_dir, cfg.device)
+    if not cfg.head.checkpoint:
+        raise InternViTError("no head to evaluate", fix="set head.checkpoint=PATH (e.g. a run's head.safetensors)")
+    dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
-        if not cfg.head.checkpoint:
-            raise InternViTError("no head to evaluate", fix="set head.checkpoint=PATH (e.g. a run's head.safetensors)")
-        backbone, extras = _backbone_and_extras(cfg, dist)
-        head = new_head(cfg, backbone, extras, dist.device)
+        transform = build_eval_transform(cfg.backbone.img_size)
+        datasets = build_eval_sets(list(cfg.eval.sets), cfg.data, transform)
+        save_config(cfg, run_dir, dist)
+        backbone, head = _backbone_and_head(cfg, dist.device)
         rows = evaluate_sets(
             backbone=backbone,
             heads={"head": head},
-            sets=list(cfg.eval.sets),
-            data=cfg.data,
-            transform=build_eval_transform(backbone.config.img_size),
+            datasets=datasets,
             dist=dist,
             batch_size=cfg.eval.batch_size,
-            amp=cfg.train.amp,
+            precision=cfg.backbone.precision,
+            num_workers=cfg.data.num_workers,
+            skip_corrupt=cfg.data.skip_corrupt,
         )
         if dist.is_main:
             paths = save_results(rows, run_dir, "eval_results")
@@ -147,15 +224,16 @@ def run_classify(
     images: list[str], *, backbone: str, head: str, preset: str | None = None, topk: int = 5, device: str = "auto"
 ) -> list[dict[str, object]]:
     """Top-k class names with probabilities for each image, from a backbone and a saved head."""
-    from internvit.classification.heads import read_head_file
-
+    check_image_paths(images)
     dev = resolve_device(device)
     head_info = read_head_file(head)
     img_size = int(head_info.metadata.get("img_size", 224))
-    amp = "bf16" if dev.type == "cuda" else "none"  # the protocol's eval numerics on GPUs; plain fp32 on the CPU
+    precision = "bf16" if dev.type == "cuda" else "fp32"  # the protocol's eval numerics on GPUs; fp32 on the CPU
     # compiling pays back its cost only over many images
     compile = dev.type == "cuda" and len(images) >= COMPILE_MIN_IMAGES
-    model, _ = build_backbone(backbone, preset=preset, img_size=img_size, device=dev, amp=amp, compile=compile)
+    model, _ = build_backbone(
+        backbone, preset=preset, img_size=img_size, device=dev, precision=precision, compile=compile
+    )
     probe = build_head(
         head_info.kind, embed_dim=model.embed_dim, num_heads=model.config.num_heads, num_classes=head_info.num_classes
     )
@@ -166,7 +244,7 @@ def run_classify(
     results = []
     for path in images:
         x = transform(load_image(path)).unsqueeze(0).to(dev)
-        with autocast(dev, amp):
+        with autocast(dev, precision):
             probs = probe(model.forward_features(x)).float().softmax(-1)[0]
         values, idx = probs.topk(min(topk, probs.numel()))
         results.append(

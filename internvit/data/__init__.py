@@ -11,7 +11,6 @@ from internvit.data.imagenet import (
 )
 from internvit.data.imagenet_meta import load_real_labels, load_wnids
 from internvit.data.images import load_image
-from internvit.data.synthetic import make_mini_imagenet
 from internvit.data.transforms import build_eval_transform, build_train_transform, normalize_images
 
 __all__ = [
@@ -28,5 +27,4 @@ __all__ = [
     "load_image",
     "load_real_labels",
     "load_wnids",
-    "make_mini_imagenet",
 ]

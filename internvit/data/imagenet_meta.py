@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import scipy.io
+from torchvision.models._meta import _IMAGENET_CATEGORIES  # the names torchvision ships (no public accessor)
+
 from internvit.errors import InternViTError
 
 WNID_RE = re.compile(r"n\d{8}")
@@ -51,8 +54,6 @@ IMAGENET_R_INDICES: tuple[int, ...] = (
 
 def imagenet_1k_categories() -> list[str]:
     """torchvision's 1000 human-readable IN-1K class names, in 1k (sorted-wnid) order."""
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
     return list(_IMAGENET_CATEGORIES)
 
 
@@ -139,8 +140,6 @@ def load_val_list(path: str | Path) -> list[tuple[str, int]]:
 
 def load_devkit(devkit_root: str | Path) -> tuple[dict[int, str], list[int]]:
     """Read the ILSVRC2012 devkit: leaf ILSVRC2012_ID -> wnid (data/meta.mat) and the val ground-truth IDs."""
-    import scipy.io
-
     data = Path(devkit_root) / "data"
     meta_path = data / "meta.mat"
     if not meta_path.is_file():

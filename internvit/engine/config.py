@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from internvit.engine.precision import PRECISIONS
 from internvit.errors import InternViTError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+# Fields renamed since earlier releases: old dotted name -> (new name, old value -> new value). Old command lines,
+# YAML files and the settings stored in saved segmentors keep working, with a warning.
+RENAMED_FIELDS: dict[str, tuple[str, dict[Any, Any]]] = {
+    "train.amp": ("backbone.precision", {"none": "fp32"}),
+    "backbone.dtype": ("backbone.precision", {}),
+}
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The backbone settings both tasks share."""
+
+    checkpoint: str = "internvit-6b-224px"  # file, folder, named tag or hub id; "random" = random init (tests, demo)
+    preset: str | None = None  # default: detected from the checkpoint
+    img_size: int | None = 224
+    # fp32 | bf16 | fp16: what the backbone computes in, per task regime (engine/precision.py); fp16 adds a
+    # GradScaler for what trains
+    precision: str = "bf16"
+    # the fast inference path for a frozen backbone (engine/parallelize.py): null = compile on CUDA only
+    compile: bool | None = None
+    fp8: bool = False  # e4m3 matmuls with rowwise scales (H100/H200); faster, not bit-faithful: see docs/performance.md
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"backbone.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError("backbone.img_size must be >= 1")
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -77,6 +108,32 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config from its `to_dict` form (e.g. the settings stored in a saved model); renamed fields apply."""
+    try:
+        return _merge(cls, _rename_fields(data))
+    except (ValueError, TypeError) as e:
+        raise InternViTError(f"invalid config: {e}", fix="check the field name and value type") from e
+
+
+def _rename_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Move fields of RENAMED_FIELDS to their new names (translating old values), with a warning."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, (new, values) in RENAMED_FIELDS.items():
+        old_section, old_leaf = old.split(".")
+        section = out.get(old_section)
+        if not isinstance(section, dict) or old_leaf not in section:
+            continue
+        value = section.pop(old_leaf)
+        value = values.get(value, value)
+        new_section, new_leaf = new.split(".")
+        log.warning("config field %s is now %s (read %s=%s)", old, new, new, value)
+        out.setdefault(new_section, {})
+        if isinstance(out[new_section], dict):
+            out[new_section].setdefault(new_leaf, value)
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from its defaults, a YAML file of deltas and `a.b=value` overrides (values parsed as YAML)."""
     data: dict[str, Any] = {}
@@ -99,17 +156,4 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             if not isinstance(node, dict):
                 raise InternViTError(f"override {key}: {part} is not a section", fix="check the field path")
         node[leaf] = yaml.safe_load(raw) if raw else ""
-    try:
-        base = to_dict(cls())
-        return _merge(cls, _deep_update(base, data))
-    except (ValueError, TypeError) as e:
-        raise InternViTError(f"invalid config: {e}", fix="check the field name and value type") from e
-
-
-def _deep_update(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in delta.items():
-        out[key] = (
-            _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
+    return config_from_dict(cls, data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -13,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
+
+from internvit.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +113,18 @@ def setup_logging(rank: int = 0, level: int = logging.INFO, log_file: str | os.P
     logger.propagate = False
 
 
-def start_run(config: object, output_dir: str | os.PathLike, device: str) -> tuple[DistInfo, Path]:
-    """Join the process group, create the run folder, log to it, and save the resolved config (rank 0)."""
-    import dataclasses
-
-    import yaml
-
+def start_run(output_dir: str | os.PathLike, device: str) -> tuple[DistInfo, Path]:
+    """Join the process group, create the run folder and log to it; `save_config` follows once the start-up checks
+    pass, so a refused run leaves the folder's `config.yaml` saying what the folder holds."""
     info = init_distributed(device)
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(info.rank, log_file=run_dir / "log.txt")
-    if info.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     return info, run_dir
+
+
+def save_config(config: object, run_dir: Path, dist: DistInfo) -> None:
+    """The resolved config as `run_dir/config.yaml` (rank 0, atomically)."""
+    if dist.is_main:
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -1,4 +1,12 @@
-"""Training and evaluation loops over a frozen backbone and a trainable head (DDP on the head only)."""
+"""The one training step loop of both tasks: accumulation to a global batch, clipping, schedule, logs, checkpoints.
+
+A task hands over a recipe (`TrainTask`): its micro-batches, its forward + loss, and its hooks (per-step set-up,
+after-step updates such as EMA, evaluation, the history record). Everything else happens here, once:
+- a step of `accum_steps` micro-batches, gradients synchronised on the last one only (`no_sync` before it);
+- loss scaling for fp16, the total-norm clip (also measured when off), the optimizer and schedule steps;
+- the progress bar, metrics lines (`metrics.jsonl`, rank 0), periodic evaluation and checkpoints, and the
+  history of records that a resumed run continues.
+"""
 
 from __future__ import annotations
 
@@ -6,201 +14,207 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
 
-from internvit.engine.distributed import DistInfo, all_gather_objects
-from internvit.errors import InternViTError
+from internvit.engine.checkpoint import Checkpointer, ResumePoint, Stateful
+from internvit.engine.distributed import DistInfo
+from internvit.engine.schedule import StepScheduler
 
 log = logging.getLogger(__name__)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-class ShardSampler(Sampler[int]):
-    """Indices rank, rank + world, ...: every sample on exactly one rank, no padding (exact distributed scores)."""
+class TrainTask(Protocol):
+    """What a task supplies to `train`: its data, its step function and its hooks."""
 
-    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, num_samples, world_size))
+    def batches(self, start_step: int) -> Iterator[Any]:
+        """Micro-batches from optimizer step `start_step` on, in the order an uninterrupted run sees them."""
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def begin_step(self, step: int) -> None:
+        """Before step `step` (0-based): per-step seeding, train/eval modes."""
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Forward + loss of one micro-batch: (loss to back-propagate, detached values to log, images in it)."""
 
+    def after_step(self, step: int) -> None:
+        """After the optimizer and schedule steps of step `step` (e.g. the EMA update)."""
 
-def build_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    dist: DistInfo,
-    train: bool,
-    seed: int = 0,
-    num_workers: int = 0,
-    collate_fn: Callable | None = None,
-) -> DataLoader:
-    """Train: shuffled per epoch from `seed` (set_epoch), full batches only. Eval: exact shards, nothing dropped."""
-    if train:
-        sampler: Sampler[int] = DistributedSampler(
-            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
-        )
-    else:
-        sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=dist.device.type == "cuda",
-        drop_last=train,
-        collate_fn=collate_fn,
-        persistent_workers=False,
-    )
+    def log_record(self, step: int, info: dict[str, float]) -> dict[str, Any] | None:
+        """The metrics line of step `step` from the loop's `info` (loss, logged values, grad_norm, lr, img_s,
+        s_per_step), or None for no line."""
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        """Evaluation after `done` steps; returns its summary."""
+
+    def summarize(self, done: int, train: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The history record at a save or evaluation point (None for none), from the train statistics since the
+        previous such point and the evaluation just run (None if none ran)."""
+
+    def state_objects(self) -> Mapping[str, Stateful]:
+        """The task's own resumable state (model parts, EMA, ...), by name."""
 
 
-def autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+@dataclass(frozen=True)
+class LoopSettings:
+    """One run's fixed loop settings, in optimizer steps."""
 
-
-@dataclass
-class TrainStep:
-    """One optimisation step's settings, fixed for a run."""
-
+    total_steps: int
     accum_steps: int
-    clip_grad: float
-    amp: str
-    device: torch.device
+    eval_every: int
+    save_every: int
+    clip_grad: float = 0.0  # total-norm clip; 0 = off (the norm is still measured and logged)
+    grad_scaler: bool = False  # fp16 loss scaling
 
 
-def _micro_batch(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and targets on the device; an odd batch (skip_corrupt dropped an image) loses one more for mixup."""
-    if batch is None:  # skip_corrupt dropped every image: all DDP ranks must take part in the step, so stop here
-        raise InternViTError("every image of a training batch was undecodable", fix="remove the corrupt files")
-    images, targets = batch[0], batch[1]
-    if len(images) % 2 and len(images) > 1:
-        images, targets = images[:-1], targets[:-1]
-    return images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+class LoopState:
+    """The loop's own resumable state: steps done and the history of records."""
+
+    def __init__(self) -> None:
+        self.step, self.history = 0, []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.history = int(state["step"]), list(state["history"])
 
 
-def train_one_epoch(
-    *,
-    backbone: nn.Module,
-    head: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    on_step: Callable[[int, dict], None],
-    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    scaler: torch.amp.GradScaler,
-    settings: TrainStep,
-) -> dict[str, float]:
-    """Micro-batches -> mixed images -> frozen features -> head loss; an optimizer step every `accum_steps`.
+class _Totals:
+    """Loss x images and images since the last record, plus the clock of that interval (one sync per record)."""
 
-    `on_step(step_in_epoch, info)` runs after each optimizer step (scheduler, EMA, logging) with the step's loss,
-    pre-clip grad norm, lr and this process's images/s. Leftover micro-batches that do not fill a whole accumulation
-    are not used, so every step sees the same global batch. Returns the epoch's mean loss over all processes.
-    """
-    head.train()
-    accum, device = settings.accum_steps, settings.device
-    num_steps = len(loader) // accum
-    params = [p for p in head.parameters() if p.requires_grad]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images (one sync per step)
-    start = time.perf_counter()
-    for i, batch in enumerate(loader):
-        step, micro = divmod(i, accum)
-        if step >= num_steps:
-            break
-        images, soft = mix(*_micro_batch(batch, device))
-        with torch.no_grad(), autocast(device, settings.amp):
-            tokens = backbone.forward_features(images)
-        sync = micro == accum - 1
-        with nullcontext() if sync or not hasattr(head, "no_sync") else head.no_sync():
-            with autocast(device, settings.amp):
-                logits = head(tokens)
-            loss = loss_fn(logits.float(), soft)
-            scaler.scale(loss / accum).backward()
-        totals += torch.stack([loss.detach().double() * len(images), torch.tensor(len(images), device=device)])
-        if not sync:
-            continue
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad if settings.clip_grad > 0 else math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        seen = totals[1].item()
-        info = {
-            "loss": loss.item(),
-            "grad_norm": float(norm),
-            "lr": optimizer.param_groups[0]["lr"],
-            "img_s": seen / (time.perf_counter() - start),
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.images, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.sums += torch.stack([loss.detach().double() * images, torch.tensor(images, device=self.device)])
+        self.images += images
+
+    def reduce(self) -> dict[str, float]:
+        """Mean loss and image count over all processes, and this process's seconds, since the last reset."""
+        sums = self.sums.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        return {
+            "train_loss": (sums[0] / sums[1].clamp(min=1)).item(),
+            "train_images": int(sums[1].item()),
+            "seconds": round(time.perf_counter() - self.start, 2),
         }
-        on_step(step, info)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(), "train_images": int(totals[1].item())}
-
-
-@torch.no_grad()
-def predict_scores(
-    *,
-    backbone: nn.Module,
-    heads: dict[str, nn.Module],
-    loader: DataLoader,
-    score: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
-    amp: str,
-    device: torch.device,
-    progress: Callable[[int], None] = lambda n: None,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-sample scores of every head, gathered from all ranks and ordered by dataset index (each sample once).
-
-    The backbone runs once per batch for all heads. `score(head_name, logits, targets, indices)` returns a dict of
-    per-sample tensors (e.g. top-1 / top-5 hits).
-    """
-    for head in heads.values():
-        head.eval()
-    local: dict[str, dict[str, list[torch.Tensor]]] = {name: {} for name in heads}
-    indices: list[torch.Tensor] = []
-    for batch in loader:
-        if batch is None:  # every image of this batch was undecodable and skipped (skip_corrupt)
-            continue
-        images, targets, idx = batch[0].to(device, non_blocking=True), batch[1], batch[2]
-        with autocast(device, amp):
-            tokens = backbone.forward_features(images)
-            for name, head in heads.items():
-                for key, value in score(name, head(tokens).float().cpu(), targets, idx).items():
-                    local[name].setdefault(key, []).append(value.cpu())
-        indices.append(idx.cpu())
-        progress(len(idx))
-    mine = {
-        "index": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-        "scores": {n: {k: torch.cat(v) for k, v in d.items()} for n, d in local.items()},
-    }
-    return _merge_ranks(all_gather_objects(mine))
-
-
-def _merge_ranks(parts: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
-    index = torch.cat([p["index"] for p in parts])
-    if index.unique().numel() != index.numel():
-        raise RuntimeError("a sample was scored twice across ranks")
-    order = index.argsort()
-    merged: dict[str, dict[str, torch.Tensor]] = {}
-    for name in parts[0]["scores"]:
-        keys = {k for p in parts for k in p["scores"][name]}
-        merged[name] = {
-            k: torch.cat([p["scores"][name][k] for p in parts if k in p["scores"][name]])[order] for k in keys
-        }
-    merged["_index"] = {"index": index[order]}
-    return merged
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     """One JSON object per line (appends are line-atomic enough for a log of metrics)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def train(
+    task: TrainTask,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: StepScheduler,
+    settings: LoopSettings,
+    checkpointer: Checkpointer,
+    resume: ResumePoint | None,
+    dist: DistInfo,
+    run_dir: Path,
+) -> list[dict[str, Any]]:
+    """Run steps from the resume point (or 0) to `settings.total_steps`; returns the history of records.
+
+    `model` is the module the task's `loss` calls (wrapped for data parallelism); its trainable parameters are the
+    ones clipped. Records are written at every evaluation point and every save point; a checkpoint of the loop,
+    the optimizer, the schedule, the scaler and the task's objects at every save point and at the end.
+    """
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=settings.grad_scaler)
+    state = LoopState()
+    objects = {
+        **task.state_objects(),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "loop": state,
+    }
+    if resume is not None:
+        checkpointer.restore(resume, objects)
+        log.info("resumed from %s at step %d of %d", run_dir, state.step, settings.total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = task.batches(state.step)
+    totals = _Totals(dist.device)
+    start_step, start = state.step, time.perf_counter()
+    bar = tqdm(total=settings.total_steps, initial=state.step, desc="train", disable=not dist.is_main)
+    for step in range(state.step, settings.total_steps):
+        task.begin_step(step)
+        logs = _accumulate(task, model, batches, scaler, totals, settings.accum_steps)
+        lr = optimizer.param_groups[-1]["lr"]  # the rate this step uses
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad if settings.clip_grad > 0 else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step_update(step)
+        task.after_step(step)
+        done = step + 1
+        state.step = done
+        elapsed = time.perf_counter() - start
+        info = {
+            **logs,
+            "grad_norm": float(norm),
+            "lr": lr,
+            "img_s": totals.images / (time.perf_counter() - totals.start),
+            "s_per_step": elapsed / (done - start_step),
+        }
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{lr:.3g}")
+        record = task.log_record(step, info)
+        if record is not None and dist.is_main:
+            append_jsonl(run_dir / "metrics.jsonl", record)
+        _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir)
+    bar.close()
+    return state.history
+
+
+def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> dict[str, float]:
+    """Forward + backward of `accum` micro-batches, gradients synchronised on the last; their mean logged values."""
+    logs: dict[str, float] = {}
+    for micro in range(accum):
+        batch = next(batches)
+        sync = micro == accum - 1
+        with nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+            loss, values, images = task.loss(batch)
+            scaler.scale(loss / accum).backward()
+        totals.add(loss, images)
+        for key, value in {"loss": loss, **values}.items():
+            logs[key] = logs.get(key, 0.0) + (value.item() if torch.is_tensor(value) else float(value)) / accum
+    return logs
+
+
+def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir) -> None:
+    """Evaluation, the history record and the checkpoint due after `done` steps."""
+    last = done == settings.total_steps
+    evaluate = done % settings.eval_every == 0 or last
+    save = done % settings.save_every == 0 or last
+    if not (evaluate or save):
+        return
+    evaluation = task.evaluate(done) if evaluate else None
+    train_stats = totals.reduce()
+    totals.reset()
+    record = task.summarize(done, train_stats, evaluation)
+    if record is not None:
+        state.history.append(record)
+        log.info("step %d: %s", done, record)
+        if dist.is_main:
+            append_jsonl(run_dir / "metrics.jsonl", record)
+    if save:
+        checkpointer.save(objects)

@@ -1,4 +1,7 @@
-"""Applied from outside the model: low-precision weight storage, per-block compilation, FP8 linears, CUDA graphs.
+"""Applied from outside the model: the one place where models are prepared to run fast and in parallel.
+
+`parallelize` prepares what trains, in a fixed order: activation checkpointing (each backbone block wrapped), then
+compilation (each block), then data parallelism (SyncBatchNorm on GPUs + DDP today; FSDP2 slots in here).
 
 `optimize_for_inference` is the fast default for a frozen backbone (evaluation, feature extraction, probing). It
 never changes what is computed beyond bf16 rounding:
@@ -17,7 +20,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.nn.parallel import DistributedDataParallel
 
+from internvit.engine.distributed import DistInfo
 from internvit.engine.float8 import convert_blocks_to_float8, float8_supported
 from internvit.errors import InternViTError
 
@@ -114,3 +120,45 @@ class CudaGraphForward:
         self.static_in.copy_(x)
         self.graph.replay()
         return self.static_out
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Wrap each block of `model.blocks` so that its activations are recomputed in the backward pass.
+
+    No numerical effect (the RNG state is replayed, so drop path draws the same), far less activation memory.
+    torch's wrapper keeps the state-dict keys unchanged; parameter names gain `_checkpoint_wrapped_module`, which
+    the optimizer's group rules ignore.
+    """
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return model
+
+
+def parallelize(
+    module: nn.Module,
+    *,
+    dist: DistInfo,
+    backbone: nn.Module | None = None,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    sync_bn: bool = True,
+) -> nn.Module:
+    """Prepare a trainable `module` in place (and return what to call): checkpoint, compile, data parallel.
+
+    `backbone` is the trainable backbone inside `module` whose blocks are checkpointed and compiled (None: nothing
+    of a backbone trains). Across processes, BatchNorm becomes SyncBatchNorm on GPUs (with `sync_bn`; gloo has no
+    SyncBatchNorm, so on CPUs each process normalises with its own batch) and the module is wrapped in DDP, whose
+    `no_sync` the loop uses on accumulation micro-steps. Build the optimizer and any EMA after this call.
+    """
+    if backbone is not None and activation_checkpointing:
+        apply_activation_checkpointing(backbone)
+    if backbone is not None and compile:
+        compile_blocks(backbone)
+    if not dist.distributed:
+        return module
+    if sync_bn and dist.device.type == "cuda":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    elif sync_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        log.warning("SyncBatchNorm needs GPUs: on CPU each process normalises with its own batch statistics")
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

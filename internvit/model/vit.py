@@ -8,7 +8,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from internvit.model.config import InternViTConfig
 from internvit.model.layers import Block, PatchEmbed
@@ -50,7 +49,6 @@ class InternViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(1, 1 + config.grid_size**2, config.embed_dim))
         rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(config, drop_path=rate) for rate in rates)
-        self.grad_checkpointing = False
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -68,10 +66,6 @@ class InternViT(nn.Module):
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()  # RMSNorm (ones), LayerScale (init value)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass (no numerical effect; trades compute for memory)."""
-        self.grad_checkpointing = enable
-
     def _grid(self, x_BCHW: torch.Tensor) -> tuple[int, int]:
         if x_BCHW.ndim != 4 or x_BCHW.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images of shape (B, {self.config.in_chans}, H, W), got {tuple(x_BCHW.shape)}")
@@ -88,16 +82,11 @@ class InternViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + resize_pos_embed(self.pos_embed, grid_hw)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     def forward_features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """All 1+N tokens after the last block, shape (B, 1+N, C). There is no final norm."""
         x = self.prepare_tokens(x_BCHW)
         for block in self.blocks:
-            x = self._run_block(block, x)
+            x = block(x)
         return x
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -136,7 +125,7 @@ class InternViT(nn.Module):
         x = self.prepare_tokens(x_BCHW)
         taken: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):
-            x = self._run_block(block, x)
+            x = block(x)
             if i in wanted:
                 taken[i] = x
         outs = [taken[i] for i in wanted]

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from internvit.engine.parallelize import optimize_for_inference, resolve_compile
+from internvit.engine.precision import autocast_dtype, resolve_dtype
 from internvit.errors import InternViTError
 from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
 from internvit.segmentation.heads import FCNAuxHead, FPNAdapter, LinearHead, UPerHead
@@ -14,13 +15,11 @@ from internvit.segmentation.segmentor import Segmentor
 from internvit.weights.loading import load_or_init_model
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def build_seg_backbone(cfg: SegBackboneConfig, device: torch.device, seed: int = 0):
-    """The backbone at cfg.img_size (pos_embed resized once), in its dtype, frozen or trainable; plus extras."""
-    if cfg.dtype not in DTYPES:
-        raise InternViTError(f"backbone.dtype must be one of {list(DTYPES)}", fix="use bf16 (the original) or fp32")
+    """The backbone at cfg.img_size (pos_embed resized once), frozen (stored in its precision) or trainable (fp32
+    master weights; activation checkpointing is applied by the engine's parallelize)."""
     backbone, _ = load_or_init_model(
         cfg.checkpoint,
         preset=cfg.preset,
@@ -30,9 +29,8 @@ def build_seg_backbone(cfg: SegBackboneConfig, device: torch.device, seed: int =
         drop_path_rate=cfg.drop_path_rate,
     )
     if cfg.frozen:  # a frozen backbone lives in bf16, as in the original's segmentation configs
-        backbone = backbone.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
-    else:  # fine-tuned: fp32 master weights under bf16 autocast (the DeepSpeed-bf16 setup); bf16 AdamW steps vanish
-        backbone.set_grad_checkpointing(cfg.grad_checkpointing)
+        backbone = backbone.to(resolve_dtype(cfg.precision)).eval().requires_grad_(False)
+    # fine-tuned: fp32 master weights under bf16 autocast (the DeepSpeed-bf16 setup); bf16 AdamW steps would vanish
     return backbone
 
 
@@ -67,12 +65,6 @@ def build_segmentor(backbone, backbone_cfg: SegBackboneConfig, head: SegHeadConf
         aux_index=head.aux_index if aux is not None else None,
         aux_weight=head.aux_weight,
     )
-    if not backbone_cfg.frozen and backbone_cfg.dtype != "fp32":
-        segmentor.backbone_autocast = DTYPES[backbone_cfg.dtype]
+    if not backbone_cfg.frozen:
+        segmentor.backbone_autocast = autocast_dtype(backbone_cfg.precision)
     return segmentor
-
-
-def trainable_state(segmentor: Segmentor, backbone_frozen: bool) -> dict[str, torch.Tensor]:
-    """What a run saves: heads and FPN always; the backbone only when it was fine-tuned (it is 12 GB otherwise)."""
-    state = segmentor.state_dict()
-    return {k: v for k, v in state.items() if not (backbone_frozen and k.startswith("backbone."))}

@@ -36,6 +36,7 @@ Assumptions (the released files are not available to check, §5.9 "exact format 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,10 @@ import torch
 from safetensors.torch import save_file
 
 from internvit.atomic import atomic_path
+from internvit.engine.config import to_dict
 from internvit.errors import InternViTError
+from internvit.segmentation.config import SegmentationConfig
+from internvit.segmentation.segmentor import Segmentor
 from internvit.weights.files import read_checkpoint
 from internvit.weights.keymaps import WRAPPER_KEYS, detect_layout, unwrap
 
@@ -54,8 +58,11 @@ __all__ = [
     "SEG_KEY_MAP",
     "SegCheckpointReport",
     "load_segmentation_checkpoint",
+    "load_segmentor_weights",
     "save_segmentation_checkpoint",
+    "save_segmentor",
     "split_segmentor_state",
+    "trainable_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -208,3 +215,37 @@ def save_segmentation_checkpoint(
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"internvit_layout": "mmseg-segmentor", **(metadata or {})})
     return path
+
+
+def trainable_state(segmentor: Segmentor, backbone_frozen: bool) -> Tensors:
+    """What a run saves: heads and FPN always; the backbone only when it was fine-tuned (it is 12 GB otherwise)."""
+    state = segmentor.state_dict()
+    return {k: v for k, v in state.items() if not (backbone_frozen and k.startswith("backbone."))}
+
+
+def save_segmentor(segmentor: Segmentor, cfg: SegmentationConfig, path: Path, extra: dict | None = None) -> None:
+    """Trainable weights (mmseg key layout) plus the run's settings in the metadata, so `segment` can rebuild it."""
+    state = trainable_state(segmentor, cfg.backbone.frozen)
+    # mmseg keeps the FPN adapter inside the backbone (backbone.up1.*): save in that layout, as the released files
+    parts = split_segmentor_state({("backbone." + k[4:] if k.startswith("fpn.") else k): v for k, v in state.items()})
+    meta = {"config": json.dumps(to_dict(cfg)), **{k: str(v) for k, v in (extra or {}).items()}}
+    save_segmentation_checkpoint(parts, path, metadata=meta)
+
+
+def load_segmentor_weights(segmentor: Segmentor, source: str) -> None:
+    """Load a released mmseg checkpoint or one of ours: heads, FPN and (when present) the fine-tuned backbone."""
+    parts, report = load_segmentation_checkpoint(source)
+    fpn = {f"fpn.{k}": v for k, v in parts.pop("fpn", {}).items()}  # mmseg keeps the adapter under backbone.up*
+    state = join_segmentor_state(parts) | fpn
+    own = segmentor.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("backbone.")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise InternViTError(
+            f"{source} does not fit this segmentor: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"mismatched {mismatched[:3]}",
+            fix="use the head / fpn / out_indices settings the checkpoint was trained with",
+        )
+    segmentor.load_state_dict(state, strict=False)
+    log.info("loaded %d tensors from %s", len(state), source)

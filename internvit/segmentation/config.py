@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from internvit.engine.config import BackboneConfig
 
 HEAD_KINDS = ("linear", "upernet")
 TEST_RESIZES = ("setr", "keep_ratio")
 
 
-@dataclass
-class SegBackboneConfig:
-    checkpoint: str = "internvit-6b-224px"  # file, folder, tag or hub id; "random" = random init (tests, demo)
-    preset: str | None = None
-    img_size: int = 504  # pos_embed resized once from the checkpoint's grid (16x16 -> 36x36)
+@dataclass(frozen=True)
+class SegBackboneConfig(BackboneConfig):
+    img_size: int | None = None  # default: data.crop (pos_embed resized once from the checkpoint's grid: 16 -> 36)
     frozen: bool = True
     drop_path_rate: float = 0.0
     out_indices: list[int] = field(default_factory=lambda: [44])
     grad_checkpointing: bool = True  # with_cp=True in every segmentation config (only matters when not frozen)
-    # bf16: a frozen backbone is stored in bf16 (the original); a fine-tuned one keeps fp32 master weights and runs
-    # under bf16 autocast (the original's DeepSpeed bf16); fp32: no reduced precision at all
-    dtype: str = "bf16"
-    # the fast inference path, for a frozen backbone only (engine/parallelize.py): null = compile on CUDA only
-    compile: bool | None = None
-    fp8: bool = False  # e4m3 matmuls with rowwise scales (H100/H200); faster, not bit-faithful: see docs/performance.md
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError("backbone.drop_path_rate must be in [0, 1)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegHeadConfig:
     kind: str = "linear"  # linear | upernet
     num_classes: int = 150
@@ -42,12 +42,12 @@ class SegHeadConfig:
             raise ValueError(f"head.kind must be one of {HEAD_KINDS}, got {self.kind!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegDataConfig:
     root: str = "data/ade/ADEChallengeData2016"
-    crop: int = 504
-    img_scale: list[int] = field(default_factory=lambda: [2016, 504])  # ratio-range resize (train), keep-ratio (test)
-    test_short: int = 504  # SETR test resize: the short side becomes exactly this
+    crop: int = 504  # the training crop: backbone.img_size, img_scale, test_short, eval.crop and stride follow it
+    img_scale: list[int] | None = None  # ratio-range resize (train), keep-ratio (test); default [4 x crop, crop]
+    test_short: int | None = None  # SETR test resize: the short side becomes exactly this; default crop
     test_resize: str = "setr"  # setr: short side exactly 504 (full-data configs); keep_ratio: few-shot configs
     fewshot: int = 0  # k for a 1/k subset of the training images; 0 = all
     fewshot_seed: int = 0
@@ -59,9 +59,11 @@ class SegDataConfig:
             raise ValueError(f"data.test_resize must be one of {TEST_RESIZES}, got {self.test_resize!r}")
         if self.fewshot < 0:
             raise ValueError("data.fewshot must be >= 0")
+        if self.crop < 1 or self.crop % 14:
+            raise ValueError(f"data.crop must be a positive multiple of the patch size 14, got {self.crop}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegTrainConfig:
     iters: int = 80000
     warmup_iters: int = 1500
@@ -82,13 +84,13 @@ class SegTrainConfig:
                 raise ValueError(f"train.{name} must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegEvalConfig:
-    crop: int = 504
-    stride: int = 322
+    crop: int | None = None  # sliding-window size; default data.crop
+    stride: int | None = None  # default 23/36 of the crop in whole patches: 322 for 504, as the original
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmentationConfig:
     backbone: SegBackboneConfig = field(default_factory=SegBackboneConfig)
     head: SegHeadConfig = field(default_factory=SegHeadConfig)
@@ -98,3 +100,22 @@ class SegmentationConfig:
     setting: str = "linear_probe"  # which row of the paper's table this run reproduces (PAPER_MIOU key)
     output_dir: str = "runs/segmentation"
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Derive the resolution fields left unset from data.crop; refuse settings that contradict it."""
+        crop = self.data.crop
+        for name, value in (("backbone.img_size", self.backbone.img_size), ("eval.crop", self.eval.crop)):
+            if value is not None and value != crop:
+                raise ValueError(
+                    f"{name}={value} disagrees with data.crop={crop}: set data.crop alone (the others follow it)"
+                )
+        replace = dataclasses.replace
+        object.__setattr__(self, "backbone", replace(self.backbone, img_size=crop))
+        data = replace(
+            self.data,
+            img_scale=self.data.img_scale or [4 * crop, crop],
+            test_short=self.data.test_short or crop,
+        )
+        object.__setattr__(self, "data", data)
+        stride = self.eval.stride or crop * 23 // 36 // 14 * 14
+        object.__setattr__(self, "eval", replace(self.eval, crop=crop, stride=stride))

@@ -9,8 +9,8 @@ from tqdm import tqdm
 
 from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES
 from internvit.data.seg_transforms import TestPipeline
+from internvit.engine.data import ShardSampler
 from internvit.engine.distributed import DistInfo, all_gather_objects
-from internvit.engine.loop import ShardSampler
 from internvit.segmentation.config import SegDataConfig, SegEvalConfig
 from internvit.segmentation.metrics import MIoUAccumulator
 from internvit.segmentation.segmentor import Segmentor, predict

@@ -1,7 +1,13 @@
-"""Entry points of the ADE20K protocols: run_train, run_eval, run_segment (they assemble engine pieces)."""
+"""Entry points of the ADE20K protocols: run_train, run_eval, run_segment (they assemble engine pieces).
+
+Start-up order: everything cheap is checked first (dataset layouts, the few-shot subset, the accumulation, the
+resume settings), `config.yaml` is written once those pass, and only then does the backbone load.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -11,68 +17,49 @@ import torch
 from PIL import Image
 
 from internvit.data import load_image
-from internvit.data.ade20k import ADE20K_CLASS_NAMES, ADE20K_PALETTE
-from internvit.data.seg_transforms import TestPipeline
-from internvit.engine.config import to_dict
-from internvit.engine.distributed import cleanup_distributed, resolve_device, start_run
-from internvit.engine.results import save_results
-from internvit.errors import InternViTError
-from internvit.segmentation.build import (
-    build_seg_backbone,
-    build_segmentor,
-    optimize_frozen_backbone,
-    trainable_state,
+from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE
+from internvit.data.images import check_image_paths
+from internvit.data.seg_transforms import TestPipeline, TrainPipeline
+from internvit.engine.checkpoint import Checkpointer
+from internvit.engine.config import config_from_dict
+from internvit.engine.data import TrainBatches
+from internvit.engine.distributed import (
+    DistInfo,
+    broadcast_object,
+    cleanup_distributed,
+    resolve_device,
+    save_config,
+    start_run,
 )
-from internvit.segmentation.checkpoints import save_segmentation_checkpoint, split_segmentor_state
+from internvit.engine.loop import LoopSettings, train
+from internvit.engine.optim import build_adamw
+from internvit.engine.parallelize import parallelize
+from internvit.engine.precision import needs_grad_scaler
+from internvit.engine.results import save_results
+from internvit.engine.schedule import StepScheduler, poly_lr
+from internvit.errors import InternViTError
+from internvit.segmentation.build import build_seg_backbone, build_segmentor, optimize_frozen_backbone
+from internvit.segmentation.checkpoints import load_segmentation_checkpoint, load_segmentor_weights, save_segmentor
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.evaluate import build_val_set, evaluate_segmentor, result_rows
 from internvit.segmentation.metrics import PAPER_MIOU
+from internvit.segmentation.recipe import LossForward, SegmentationRecipe, run_signature, training_subset
 from internvit.segmentation.segmentor import Segmentor, predict
 
 log = logging.getLogger(__name__)
 COMPILE_MIN_IMAGES = 8  # `segment` compiles (on CUDA) only for this many images: each one is several 504 windows
 
 
-def save_segmentor(segmentor: Segmentor, cfg: SegmentationConfig, path: Path, extra: dict | None = None) -> None:
-    """Trainable weights (mmseg key layout) plus the run's settings in the metadata, so `segment` can rebuild it."""
-    state = trainable_state(segmentor, cfg.backbone.frozen)
-    # mmseg keeps the FPN adapter inside the backbone (backbone.up1.*): save in that layout, as the released files
-    parts = split_segmentor_state({("backbone." + k[4:] if k.startswith("fpn.") else k): v for k, v in state.items()})
-    meta = {"config": json.dumps(to_dict(cfg)), **{k: str(v) for k, v in (extra or {}).items()}}
-    save_segmentation_checkpoint(parts, path, metadata=meta)
-
-
-def load_segmentor_weights(segmentor: Segmentor, source: str) -> None:
-    """Load a released mmseg checkpoint or one of ours: heads, FPN and (when present) the fine-tuned backbone."""
-    from internvit.segmentation.checkpoints import join_segmentor_state, load_segmentation_checkpoint
-
-    parts, report = load_segmentation_checkpoint(source)
-    fpn = {f"fpn.{k}": v for k, v in parts.pop("fpn", {}).items()}  # mmseg keeps the adapter under backbone.up*
-    state = join_segmentor_state(parts) | fpn
-    own = segmentor.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith("backbone.")]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        raise InternViTError(
-            f"{source} does not fit this segmentor: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"mismatched {mismatched[:3]}",
-            fix="use the head / fpn / out_indices settings the checkpoint was trained with",
-        )
-    segmentor.load_state_dict(state, strict=False)
-    log.info("loaded %d tensors from %s", len(state), source)
-
-
-def _start(cfg: SegmentationConfig):
-    dist, run_dir = start_run(cfg, cfg.output_dir, cfg.device)
-    backbone = build_seg_backbone(cfg.backbone, dist.device, seed=cfg.train.seed)
+def _segmentor(cfg: SegmentationConfig, device: torch.device) -> Segmentor:
+    """The backbone (loaded, frozen or trainable), the heads around it, the head checkpoint, the fast path."""
+    backbone = build_seg_backbone(cfg.backbone, device, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    segmentor = build_segmentor(backbone, cfg.backbone, cfg.head).to(dist.device)
+    segmentor = build_segmentor(backbone, cfg.backbone, cfg.head).to(device)
     segmentor.avg_non_ignore = cfg.head.avg_non_ignore
     if cfg.head.checkpoint:
         load_segmentor_weights(segmentor, cfg.head.checkpoint)
-    optimize_frozen_backbone(segmentor, cfg.backbone, dist.device)
-    return dist, run_dir, segmentor
+    optimize_frozen_backbone(segmentor, cfg.backbone, device)
+    return segmentor
 
 
 def _report(cfg: SegmentationConfig, acc, run_dir: Path, extra: dict) -> list[dict]:
@@ -82,28 +69,133 @@ def _report(cfg: SegmentationConfig, acc, run_dir: Path, extra: dict) -> list[di
     return rows
 
 
+def _train_data(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path):
+    """The (few-shot) training set, its pipeline and batches, and the accumulation steps (checked, no backbone)."""
+    t, d = cfg.train, cfg.data
+    per_step = t.batch_size * dist.world_size
+    if t.global_batch % per_step:
+        raise InternViTError(
+            f"train.global_batch={t.global_batch} is not a multiple of batch_size x processes = {per_step}",
+            fix="choose train.batch_size to divide train.global_batch",
+        )
+    subset = (None, None)
+    if dist.is_main:
+        subset = training_subset(
+            d.root, fewshot=d.fewshot, fewshot_seed=d.fewshot_seed, split_file=d.split_file, run_dir=run_dir
+        )
+    split_file, hash_ = broadcast_object(subset)
+    pipeline = TrainPipeline(d.crop, t.seed, img_scale=tuple(d.img_scale))
+    train_set = ADE20K(d.root, "training", pipeline=pipeline, subset_file=split_file)
+    batches = TrainBatches(
+        train_set,
+        batch_size=t.batch_size,
+        dist=dist,
+        seed=t.seed,
+        num_workers=d.num_workers,
+        # its own generator: creating the iterator must not consume the global stream (a resumed run creates one
+        # mid-epoch, where the uninterrupted run did not)
+        generator_seed=lambda epoch: t.seed + epoch,
+    )
+    if batches.per_epoch < 1:
+        raise InternViTError(
+            f"{len(train_set)} training images are fewer than one batch per process", fix="lower train.batch_size"
+        )
+    return pipeline, batches, t.global_batch // per_step, hash_
+
+
 def run_train(cfg: SegmentationConfig) -> dict:
     """Train with the paper's recipe (iterations, AdamW + layer decay, poly), evaluating and keeping the best."""
-    from internvit.segmentation.training import SegTrainer
-
-    dist, run_dir, segmentor = _start(cfg)
+    t = cfg.train
+    dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
-        trainer = SegTrainer(cfg, segmentor=segmentor, dist=dist, run_dir=run_dir)
-        summary = trainer.fit()
+        pipeline, batches, accum, hash_ = _train_data(cfg, dist, run_dir)
+        val_set = build_val_set(cfg.data)
+        checkpointer = Checkpointer(
+            run_dir, signature=run_signature(cfg, world_size=dist.world_size, split_hash=hash_), dist=dist
+        )
+        resume = checkpointer.find()
+        save_config(cfg, run_dir, dist)
+        segmentor = _segmentor(cfg, dist.device)
+        trained_backbone = None if cfg.backbone.frozen else segmentor.backbone
+        model = parallelize(
+            LossForward(segmentor),
+            dist=dist,
+            backbone=trained_backbone,
+            activation_checkpointing=cfg.backbone.grad_checkpointing,
+            compile=cfg.backbone.compile is True,  # a trained backbone compiles only when asked to
+        )
+        optimizer = build_adamw(
+            segmentor,
+            base_lr=t.lr,
+            weight_decay=t.weight_decay,
+            layer_decay=t.layer_decay,
+            num_blocks=len(segmentor.backbone.blocks),
+            quirk_decay_pos_embed=t.decay_pos_embed,
+        )
+        schedule = functools.partial(poly_lr, base_lr=t.lr, total_steps=t.iters, warmup_steps=t.warmup_iters)
+        scheduler = StepScheduler(optimizer, schedule, lag_one_step=False)  # mmcv: f(t) before iter t
+        log.info(
+            "global batch %d = %d per process x %d process(es) x %d accumulation step(s); lr %g",
+            *(t.global_batch, t.batch_size, dist.world_size, accum, t.lr),
+        )
+
+        def evaluate() -> dict:
+            acc = evaluate_segmentor(segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist)
+            return acc.summary()
+
+        def save(name: str, done: int) -> None:
+            if dist.is_main:
+                save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done})
+
+        recipe = SegmentationRecipe(
+            segmentor=segmentor,
+            model=model,
+            batches=batches,
+            pipeline_epoch=pipeline.set_epoch,
+            accum=accum,
+            seed=t.seed,
+            backbone_frozen=cfg.backbone.frozen,
+            total_steps=t.iters,
+            log_every=t.log_every,
+            evaluate=evaluate,
+            save=save,
+            split_hash=hash_,
+            dist=dist,
+        )
+        settings = LoopSettings(
+            total_steps=t.iters,
+            accum_steps=accum,
+            eval_every=t.eval_every,
+            save_every=t.save_every,
+            grad_scaler=needs_grad_scaler(cfg.backbone.precision) and not cfg.backbone.frozen,
+        )
+        history = train(
+            recipe,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            settings=settings,
+            checkpointer=checkpointer,
+            resume=resume,
+            dist=dist,
+            run_dir=run_dir,
+        )
         if dist.is_main:
-            save_results(summary["history"], run_dir, "train_history")
-        return summary
+            save_results(history, run_dir, "train_history")
+            log.info("best: %s; weights in %s", recipe.best, run_dir)
+        return {"history": history, "best": recipe.best if dist.is_main else None, "split_hash": hash_}
     finally:
         cleanup_distributed()
 
 
 def run_eval(cfg: SegmentationConfig) -> list[dict]:
     """Slide-window evaluation on ADE20K val (every image once across ranks): mIoU, mAcc, aAcc, per-class table."""
-    dist, run_dir, segmentor = _start(cfg)
+    dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
-        acc = evaluate_segmentor(
-            segmentor, build_val_set(cfg.data), settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist
-        )
+        val_set = build_val_set(cfg.data)
+        save_config(cfg, run_dir, dist)
+        segmentor = _segmentor(cfg, dist.device)
+        acc = evaluate_segmentor(segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist)
         return _report(cfg, acc, run_dir, {"checkpoint": cfg.head.checkpoint}) if dist.is_main else []
     finally:
         cleanup_distributed()
@@ -119,24 +211,20 @@ def run_segment(
     images: list[str], *, checkpoint: str, backbone: str | None = None, out_dir: str = "segment", device: str = "auto"
 ) -> list[dict]:
     """Colour mask PNG, overlay PNG and the classes present (pixel share) for each image, from a saved segmentor."""
-    from internvit.engine.config import _merge
-    from internvit.segmentation.checkpoints import load_segmentation_checkpoint
-
+    check_image_paths(images)
     _, report = load_segmentation_checkpoint(checkpoint)
     if "config" not in report.metadata:
         raise InternViTError(
             f"{checkpoint} carries no run settings", fix="pass a best.safetensors written by seg train"
         )
-    cfg = _merge(SegmentationConfig, json.loads(report.metadata["config"]))
-    if backbone:
-        cfg.backbone.checkpoint = backbone
-    cfg.head.checkpoint, cfg.device = checkpoint, device
+    cfg = config_from_dict(SegmentationConfig, json.loads(report.metadata["config"]))
     dev = resolve_device(device)
-    segmentor = build_segmentor(build_seg_backbone(cfg.backbone, dev), cfg.backbone, cfg.head).to(dev)
-    load_segmentor_weights(segmentor, checkpoint)
-    if cfg.backbone.compile is None:  # compiling pays back its cost only over many images
-        cfg.backbone.compile = dev.type == "cuda" and len(images) >= COMPILE_MIN_IMAGES
-    optimize_frozen_backbone(segmentor, cfg.backbone, dev)
+    compile = cfg.backbone.compile
+    if compile is None:  # compiling pays back its cost only over many images
+        compile = dev.type == "cuda" and len(images) >= COMPILE_MIN_IMAGES
+    backbone_cfg = dataclasses.replace(cfg.backbone, checkpoint=backbone or cfg.backbone.checkpoint, compile=compile)
+    cfg = dataclasses.replace(cfg, backbone=backbone_cfg, head=dataclasses.replace(cfg.head, checkpoint=checkpoint))
+    segmentor = _segmentor(cfg, dev)
     segmentor.eval()
     pipeline = TestPipeline(cfg.data.test_resize, short=cfg.data.test_short, scale=tuple(cfg.data.img_scale))
     names = ADE20K_CLASS_NAMES if cfg.head.num_classes == len(ADE20K_CLASS_NAMES) else None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from internvit.errors import InternViTError
@@ -120,8 +121,6 @@ def _find_in_dir(folder: Path) -> Path:
 
 def download(repo_id: str, filename: str | None = None) -> Path:
     """Fetch a hub repo (HF-format weights and configs) or one file of it; offline, a clear error with the fix."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
     try:
         if filename:
             return Path(hf_hub_download(repo_id, filename))

@@ -13,8 +13,19 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from internvit.atomic import write_json
-from internvit.data import build_eval_transform, load_image, make_mini_imagenet
+from internvit.classification.config import ClassificationConfig
+from internvit.classification.run import run_classify
+from internvit.classification.run import run_eval as run_cls_eval
+from internvit.classification.run import run_train as run_cls_train
+from internvit.data import build_eval_transform, load_image
+from internvit.demo.ade20k import make_mini_ade20k
+from internvit.demo.imagenet import make_mini_imagenet
+from internvit.engine.config import load_config
 from internvit.model import build_model, count_params, get_config
+from internvit.segmentation.config import SegmentationConfig
+from internvit.segmentation.run import run_eval as run_seg_eval
+from internvit.segmentation.run import run_segment
+from internvit.segmentation.run import run_train as run_seg_train
 from internvit.weights import convert_checkpoint, load_model
 
 log = logging.getLogger(__name__)
@@ -103,19 +114,15 @@ def classification_overrides(paths: dict[str, Path], checkpoint: Path, out: Path
 
 def run_classification_demo(out_dir: str | Path, checkpoint: Path, seed: int = 0) -> dict:
     """Generate a mini ImageNet family, train a probe, score the six sets, classify one image."""
-    from internvit.classification.config import ClassificationConfig
-    from internvit.classification.run import run_classify, run_eval, run_train
-    from internvit.engine.config import load_config
-
     out = Path(out_dir)
     shutil.rmtree(out / "probe", ignore_errors=True)  # the demo always trains afresh
     paths = make_mini_imagenet(out / "data", seed=seed)
     settings = classification_overrides(paths, checkpoint, out / "probe")
     timings = {}
-    _, timings["train_s"] = _timed(run_train, load_config(ClassificationConfig, None, settings))
+    _, timings["train_s"] = _timed(run_cls_train, load_config(ClassificationConfig, None, settings))
     head = out / "probe" / "head.safetensors"
     eval_settings = [*settings[:-1], f"head.checkpoint={head}", f"output_dir={out / 'probe' / 'eval'}"]
-    rows, timings["eval_s"] = _timed(run_eval, load_config(ClassificationConfig, None, eval_settings))
+    rows, timings["eval_s"] = _timed(run_cls_eval, load_config(ClassificationConfig, None, eval_settings))
     image = sorted((paths["in1k"] / "val" / "n01443537").iterdir())[0]
     predictions = run_classify([str(image)], backbone=str(checkpoint), head=str(head))
     commands = [
@@ -130,16 +137,11 @@ def segmentation_overrides(data: Path, checkpoint: Path, out: Path, crop: int = 
     """The linear-probe protocol scaled to the debug backbone: crop 224 instead of 504, 30 iterations, lr raised."""
     settings = {
         "backbone.checkpoint": checkpoint,
-        "backbone.img_size": crop,
         "backbone.out_indices": "[3]",
-        "backbone.dtype": "fp32",
+        "backbone.precision": "fp32",
         "data.root": data,
-        "data.crop": crop,
-        "data.img_scale": f"[{4 * crop},{crop}]",
-        "data.test_short": crop,
+        "data.crop": crop,  # the backbone resolution, resize scales and sliding windows follow it
         "data.num_workers": 0,
-        "eval.crop": crop,
-        "eval.stride": crop * 5 // 8 // 14 * 14,
         "train.iters": 30,
         "train.warmup_iters": 5,
         "train.batch_size": 4,
@@ -153,20 +155,15 @@ def segmentation_overrides(data: Path, checkpoint: Path, out: Path, crop: int = 
 
 def run_segmentation_demo(out_dir: str | Path, checkpoint: Path, seed: int = 0) -> dict:
     """Generate a mini ADE20K, train a linear probe, evaluate it with sliding windows, segment one image."""
-    from internvit.data.synthetic_ade import make_mini_ade20k
-    from internvit.engine.config import load_config
-    from internvit.segmentation.config import SegmentationConfig
-    from internvit.segmentation.run import run_eval, run_segment, run_train
-
     out = Path(out_dir)
     shutil.rmtree(out / "seg", ignore_errors=True)
     data = make_mini_ade20k(out / "ade", seed=seed)
     settings = segmentation_overrides(data, checkpoint, out / "seg")
     timings = {}
-    _, timings["train_s"] = _timed(run_train, load_config(SegmentationConfig, None, settings))
+    _, timings["train_s"] = _timed(run_seg_train, load_config(SegmentationConfig, None, settings))
     best = out / "seg" / "best.safetensors"
     eval_settings = [*settings[:-1], f"head.checkpoint={best}", f"output_dir={out / 'seg' / 'eval'}"]
-    rows, timings["eval_s"] = _timed(run_eval, load_config(SegmentationConfig, None, eval_settings))
+    rows, timings["eval_s"] = _timed(run_seg_eval, load_config(SegmentationConfig, None, eval_settings))
     image = sorted((data / "images" / "validation").iterdir())[0]
     segmented = run_segment([str(image)], checkpoint=str(best), out_dir=str(out / "seg" / "segment"))[0]
     commands = [

@@ -1,0 +1,156 @@
+"""Iteration-based ADE20K training (REFERENCE §5.7) as a recipe for the engine's loop: exact resume mid-epoch.
+
+AdamW with layer decay and the poly schedule are built in run.py; this module supplies the few-shot subset, the
+settings signature, and the step function (seeded per iteration and rank, so dropout and drop path replay on resume).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from internvit.data.ade20k import ADE20K, make_fewshot_subset, read_split_file, split_hash, write_split_file
+from internvit.engine.checkpoint import Stateful
+from internvit.engine.data import TrainBatches
+from internvit.engine.distributed import DistInfo, seed_everything
+from internvit.segmentation.checkpoints import trainable_state
+from internvit.segmentation.config import SegmentationConfig
+from internvit.segmentation.segmentor import Segmentor
+
+log = logging.getLogger(__name__)
+
+
+def training_subset(
+    root: str, *, fewshot: int, fewshot_seed: int, split_file: str, run_dir: Path
+) -> tuple[Path | None, str | None]:
+    """The few-shot split file (written once from the seed, or reused) and its hash; (None, None) for all images."""
+    if split_file:
+        return Path(split_file), split_hash(read_split_file(split_file))
+    if fewshot <= 1:
+        return None, None
+    names = ADE20K(root, "training").names
+    subset = make_fewshot_subset(names, fewshot, fewshot_seed)
+    path = run_dir / f"fewshot_1of{fewshot}_seed{fewshot_seed}.txt"
+    write_split_file(path, subset)
+    log.info(
+        "few-shot 1/%d: %d of %d training images (seed %d) -> %s", fewshot, len(subset), len(names), fewshot_seed, path
+    )
+    return path, split_hash(subset)
+
+
+def run_signature(cfg: SegmentationConfig, *, world_size: int, split_hash: str | None) -> dict:
+    """What must not change between a run and its resumption."""
+    return {
+        "train": {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_every", "log_every")},
+        "head": asdict(cfg.head) | {"checkpoint": ""},
+        "backbone": asdict(cfg.backbone),
+        "data": {k: v for k, v in asdict(cfg.data).items() if k != "num_workers"},
+        "world_size": world_size,
+        "split_hash": split_hash,
+    }
+
+
+class LossForward(nn.Module):
+    """Routes forward() to Segmentor.loss, so DDP sees the training computation as the module's forward."""
+
+    def __init__(self, segmentor: Segmentor) -> None:
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.segmentor.loss(img, label)
+
+
+class TrainableState:
+    """The segmentor's state a run saves and resumes: heads and FPN, plus the backbone when it is fine-tuned."""
+
+    def __init__(self, segmentor: Segmentor, backbone_frozen: bool) -> None:
+        self.segmentor, self.backbone_frozen = segmentor, backbone_frozen
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.segmentor, self.backbone_frozen)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.segmentor.load_state_dict(state, strict=False)
+
+
+class SegmentationRecipe:
+    """The segmentation `TrainTask`: segmentor losses per micro-batch, evaluation that keeps the best weights."""
+
+    def __init__(
+        self,
+        *,
+        segmentor: Segmentor,
+        model: nn.Module,
+        batches: TrainBatches,
+        pipeline_epoch: Callable[[int], None],
+        accum: int,
+        seed: int,
+        backbone_frozen: bool,
+        total_steps: int,
+        log_every: int,
+        evaluate: Callable[[], dict[str, Any]],
+        save: Callable[[str, int], None],
+        split_hash: str | None,
+        dist: DistInfo,
+    ) -> None:
+        self.segmentor, self.model, self.train_batches, self.pipeline_epoch = segmentor, model, batches, pipeline_epoch
+        self.accum, self.seed, self.backbone_frozen = accum, seed, backbone_frozen
+        self.total_steps, self.log_every, self.dist = total_steps, log_every, dist
+        self._evaluate, self._save, self.split_hash = evaluate, save, split_hash
+        self.best: dict | None = None
+
+    def batches(self, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
+        return self.train_batches.epochs(start_step * self.accum, on_epoch=self.pipeline_epoch)
+
+    def begin_step(self, step: int) -> None:
+        # dropout / drop path replay on resume; distinct streams for every (iteration, rank)
+        seed_everything(self.seed * 1_000_003 + step * self.dist.world_size + self.dist.rank)
+        self.segmentor.train()
+        if self.backbone_frozen:
+            self.segmentor.backbone.eval()
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        img, label = batch["img"].to(self.dist.device), batch["label"].to(self.dist.device)
+        losses = self.model(img, label)
+        loss = losses.pop("loss")
+        return loss, losses, len(img)
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def log_record(self, step: int, info: dict[str, float]) -> dict[str, Any] | None:
+        done = step + 1
+        if done % self.log_every and done != self.total_steps:
+            return None
+        logged = {k: v for k, v in info.items() if k not in ("grad_norm", "img_s", "s_per_step")}
+        return {"iter": done, **logged, "s_per_iter": info["s_per_step"]}
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        return self._evaluate()
+
+    def summarize(self, done: int, train: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+        """An evaluation's record; the weights are saved as last.safetensors, and as best.safetensors on a new best."""
+        if evaluation is None:
+            return None
+        record = {"iter": done, **evaluation, "split_hash": self.split_hash}
+        if self.best is None or evaluation["mIoU"] > self.best["mIoU"]:
+            self.best = record
+            self._save("best", done)
+        self._save("last", done)
+        return record
+
+    def state_objects(self) -> Mapping[str, Stateful]:
+        return {"model": TrainableState(self.segmentor, self.backbone_frozen), "recipe": self}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
