@@ -1,0 +1,178 @@
+"""The shared engine: checkpointer (signature, resume protocol), configs (frozen, renamed fields, one crop field),
+parallelize (activation checkpointing and compile from outside the model), and the start-up order of the tasks."""
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_6B, randomize_
+
+from internvit.classification.config import ClassificationConfig
+from internvit.cli import main
+from internvit.demo import classification_overrides, make_demo_checkpoint
+from internvit.demo.imagenet import make_mini_imagenet
+from internvit.engine.checkpoint import Checkpointer, signature_differences
+from internvit.engine.config import load_config
+from internvit.engine.distributed import DistInfo
+from internvit.engine.parallelize import parallelize
+from internvit.errors import InternViTError
+from internvit.model import build_model
+from internvit.segmentation.config import SegmentationConfig
+
+DIST = DistInfo()
+
+
+class Box:
+    """A minimal stateful object."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_checkpointer_round_trip_and_signature_check(tmp_path):
+    signature = {"train": {"lr": 0.1, "epochs": 10}, "world_size": 1}
+    saver = Checkpointer(tmp_path, signature=signature, dist=DIST)
+    assert saver.find() is None
+    saver.save({"a": Box(3), "b": Box(7), "t": torch.nn.Linear(2, 2)})
+    objects = {"a": Box(), "b": Box(), "t": torch.nn.Linear(2, 2)}
+    point = Checkpointer(tmp_path, signature=signature, dist=DIST).find()
+    Checkpointer(tmp_path, signature=signature, dist=DIST).restore(point, objects)
+    assert (objects["a"].value, objects["b"].value) == (3, 7)
+    other = {"train": {"lr": 0.2, "epochs": 10}, "world_size": 2}
+    with pytest.raises(InternViTError, match=r"other settings \(train.lr: 0.1 -> 0.2; world_size: 1 -> 2\)"):
+        Checkpointer(tmp_path, signature=other, dist=DIST).find()
+    with pytest.raises(InternViTError, match="lacks c"):
+        saver.restore(point, objects | {"c": Box()})
+
+
+def test_signature_differences_name_added_and_removed_fields():
+    diffs = signature_differences({"a": {"x": 1, "y": 2}, "z": 0}, {"a": {"x": 1, "w": 3}, "z": 0})
+    assert diffs == ["a.y (only in the checkpoint)", "a.w (only in this run)"]
+
+
+def test_checkpoint_without_signature_or_unreadable_is_refused(tmp_path):
+    torch.save({"head": {}, "epoch": 3}, tmp_path / "checkpoint.pth")
+    with pytest.raises(InternViTError, match="without a settings signature"):
+        Checkpointer(tmp_path, signature={}, dist=DIST).find()
+    (tmp_path / "checkpoint.pth").write_bytes(b"not a zip")
+    with pytest.raises(InternViTError, match="cannot read training checkpoint"):
+        Checkpointer(tmp_path, signature={}, dist=DIST).find()
+
+
+def test_configs_are_frozen():
+    cfg = load_config(ClassificationConfig)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+    assert dataclasses.replace(cfg.train, epochs=3).epochs == 3
+
+
+def test_renamed_fields_still_work_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        cls = load_config(ClassificationConfig, overrides=["train.amp=none"])
+        seg = load_config(SegmentationConfig, overrides=["backbone.dtype=fp32"])
+    assert cls.backbone.precision == "fp32" and seg.backbone.precision == "fp32"
+    assert "train.amp is now backbone.precision" in caplog.text
+    with pytest.raises(InternViTError, match="backbone.precision must be one of fp32, bf16, fp16"):
+        load_config(ClassificationConfig, overrides=["backbone.precision=int8"])
+
+
+def test_one_segmentation_crop_field_drives_the_others():
+    default = load_config(SegmentationConfig)
+    assert (default.backbone.img_size, default.data.img_scale, default.data.test_short) == (504, [2016, 504], 504)
+    assert (default.eval.crop, default.eval.stride) == (504, 322)  # the original's 504 / 322
+    small = load_config(SegmentationConfig, overrides=["data.crop=224"])
+    assert (small.backbone.img_size, small.data.img_scale, small.data.test_short) == (224, [896, 224], 224)
+    assert (small.eval.crop, small.eval.stride) == (224, 140)
+    kept = load_config(SegmentationConfig, overrides=["data.crop=224", "eval.stride=154", "data.test_short=256"])
+    assert (kept.eval.stride, kept.data.test_short) == (154, 256)
+    assert load_config(SegmentationConfig, overrides=["data.crop=224"]) == load_config(
+        SegmentationConfig, overrides=["data.crop=224", "backbone.img_size=224", "eval.crop=224"]
+    )
+    for override in ("backbone.img_size=448", "eval.crop=448"):
+        with pytest.raises(InternViTError, match=f"{override.split('=')[0]}=448 disagrees with data.crop=504"):
+            load_config(SegmentationConfig, overrides=[override])
+    with pytest.raises(InternViTError, match="multiple of the patch size"):
+        load_config(SegmentationConfig, overrides=["data.crop=500"])
+
+
+def test_parallelize_checkpoints_and_compiles_blocks_from_outside():
+    """Activation checkpointing, then per-block compile, on a trainable backbone: same loss and gradients."""
+    torch.manual_seed(0)
+    eager = randomize_(build_model(TINY_6B)).train()
+    prepared = build_model(TINY_6B)
+    prepared.load_state_dict(eager.state_dict())
+    assert parallelize(prepared, dist=DIST, backbone=prepared, activation_checkpointing=True, compile=True) is prepared
+    assert all(type(b).__name__ == "CheckpointWrapper" and b._compiled_call_impl is not None for b in prepared.blocks)
+    x = torch.randn(2, 3, 56, 56)
+    losses = []
+    for model in (eager, prepared):
+        loss = model.forward_features(x).square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for a, b in zip(eager.parameters(), prepared.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def probe_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("startup")
+    paths = make_mini_imagenet(root / "data", num_classes=3, train_per_class=8, val_per_class=2)
+    return paths, make_demo_checkpoint(root / "debug.pth")
+
+
+def settings(paths, checkpoint, out: Path, **extra) -> list[str]:
+    base = {"head.num_classes": 3, "train.epochs": 1, "train.batch_size": 8, "train.global_batch": 8}
+    return [*classification_overrides(paths, checkpoint, out), *(f"{k}={v}" for k, v in (base | extra).items())]
+
+
+def test_refused_resume_names_the_fields_before_the_backbone_loads_and_keeps_config_yaml(probe_data, capsys):
+    paths, checkpoint = probe_data
+    run = checkpoint.parent / "run"
+    assert main(["cls", "train", *settings(paths, checkpoint, run)]) == 0
+    before = (run / "config.yaml").read_text()
+    # a missing backbone file would fail the load: the resume check must refuse first
+    changed = settings(paths, Path("/nonexistent/backbone.pth"), run, **{"train.base_lr": 0.5})
+    capsys.readouterr()
+    assert main(["cls", "train", *changed]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (train.base_lr: 1.6 -> 0.5)" in err and "nonexistent" not in err
+    assert (run / "config.yaml").read_text() == before
+    assert yaml.safe_load(before)["train"]["base_lr"] == 1.6
+
+
+def test_bad_data_and_images_fail_before_the_backbone_loads(probe_data, tmp_path, capsys):
+    paths, _ = probe_data
+    missing_backbone = tmp_path / "no-backbone.pth"
+    args = settings(paths, missing_backbone, tmp_path / "run", **{"data.imagenet": tmp_path / "nowhere"})
+    assert main(["cls", "train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "no-backbone" not in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    head = tmp_path / "head.safetensors"
+    assert (
+        main(["classify", str(tmp_path / "missing.jpg"), "--backbone", str(missing_backbone), "--head", str(head)]) == 2
+    )
+    assert "no such image file" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "missing.jpg"), "--checkpoint", str(head)]) == 2
+    assert "no such image file" in capsys.readouterr().err
+
+
+def test_resumed_history_and_config_are_those_of_the_run(probe_data):
+    paths, checkpoint = probe_data
+    run = checkpoint.parent / "twice"
+    args = settings(paths, checkpoint, run, **{"train.epochs": 2})
+    assert main(["cls", "train", *settings(paths, checkpoint, run, **{"train.epochs": 2})]) == 0
+    first = json.loads((run / "train_history.json").read_text())
+    assert main(["cls", "train", *args]) == 0  # all steps done: resumes at the end, trains nothing
+    assert json.loads((run / "train_history.json").read_text()) == first and len(first) == 2
