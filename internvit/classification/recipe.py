@@ -21,6 +21,7 @@ from internvit.engine.distributed import DistInfo, seed_everything
 from internvit.engine.ema import ModelEma
 from internvit.engine.mixup import Mixup, smoothed_one_hot, soft_target_cross_entropy
 from internvit.engine.precision import autocast
+from internvit.engine.schedule import StepScheduler
 from internvit.errors import InternViTError
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class ProbeRecipe:
         backbone: nn.Module,
         head: nn.Module,
         model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: StepScheduler,
         ema: ModelEma | None,
         batches: TrainBatches,
         train: TrainConfig,
@@ -106,6 +109,7 @@ class ProbeRecipe:
         dist: DistInfo,
     ) -> None:
         self.backbone, self.head, self.model, self.ema = backbone, head, model, ema
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.train_settings, self.num_classes, self.precision = train, num_classes, precision
         self.steps_per_epoch, self.accum, self.dist = steps_per_epoch, accum, dist
         self._evaluate, self.mix = evaluate, None

@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from internvit.classification.build import build_backbone, new_head
 from internvit.classification.checkpoints import head_metadata, load_head_state, read_head_file, save_head
-from internvit.classification.config import ClassificationConfig
+from internvit.classification.config import ClassificationConfig, TrainConfig
 from internvit.classification.evaluate import build_eval_sets, evaluate_sets
 from internvit.classification.heads import build_head
 from internvit.classification.recipe import ProbeRecipe, accumulation_steps, run_signature
 from internvit.data import build_eval_transform, build_train_transform, load_image
 from internvit.data.imagenet import build_dataset, collate_skip_none
 from internvit.data.images import check_image_paths
-from internvit.engine.checkpoint import Checkpointer
+from internvit.engine.checkpoint import open_run
 from internvit.engine.data import TrainBatches
-from internvit.engine.distributed import cleanup_distributed, resolve_device, save_config, seed_everything, start_run
+from internvit.engine.distributed import (
+    DistInfo,
+    cleanup_distributed,
+    resolve_device,
+    save_config,
+    seed_everything,
+    start_run,
+)
 from internvit.engine.ema import ModelEma
 from internvit.engine.loop import LoopSettings, train
 from internvit.engine.parallelize import parallelize
@@ -35,8 +43,19 @@ log = logging.getLogger(__name__)
 COMPILE_MIN_IMAGES = 32  # `classify` compiles the backbone (on CUDA) only for at least this many images
 
 
-def _train_data(cfg: ClassificationConfig, dist) -> tuple[object, TrainBatches, int, int]:
-    """The training set and its batches, the accumulation steps and steps per epoch (checked, no backbone)."""
+@dataclass(frozen=True)
+class TrainData:
+    """The probe's data, built and checked before any model loads."""
+
+    train_set: object
+    batches: TrainBatches
+    val_sets: dict[str, object]
+    accum: int
+    steps_per_epoch: int
+
+
+def _train_data(cfg: ClassificationConfig, dist: DistInfo) -> TrainData:
+    """The training set and its batches, the IN-1K val set, the accumulation steps and steps per epoch."""
     t = cfg.train
     accum = accumulation_steps(t.global_batch, t.batch_size, dist.world_size)
     train_set = build_dataset(
@@ -64,7 +83,9 @@ def _train_data(cfg: ClassificationConfig, dist) -> tuple[object, TrainBatches, 
         raise InternViTError(
             f"{len(train_set)} training images give no full step of {t.global_batch}", fix="lower train.global_batch"
         )
-    return train_set, batches, accum, steps_per_epoch
+    transform = build_eval_transform(cfg.backbone.img_size)
+    val_sets = build_eval_sets(["in1k"], cfg.data, transform, train_set.classes)
+    return TrainData(train_set, batches, val_sets, accum, steps_per_epoch)
 
 
 def _backbone_and_head(cfg: ClassificationConfig, device: torch.device):
@@ -90,7 +111,7 @@ def _backbone_and_head(cfg: ClassificationConfig, device: torch.device):
     return backbone, head
 
 
-def _optimisation(head: torch.nn.Module, t, *, steps_per_epoch: int):
+def _optimisation(head: torch.nn.Module, t: TrainConfig, *, steps_per_epoch: int):
     """SGD (Nesterov) over the trainable head parameters and timm's per-step cosine, both scaled to the global batch."""
     lr_scale = t.global_batch / t.lr_ref_batch  # lr, warmup lr and min lr all scale with it (REFERENCE §4.1)
     lr = t.base_lr * lr_scale
@@ -107,86 +128,81 @@ def _optimisation(head: torch.nn.Module, t, *, steps_per_epoch: int):
     return optimizer, StepScheduler(optimizer, schedule, lag_one_step=t.lr_lag_one_step), lr
 
 
+def _recipe(cfg: ClassificationConfig, data: TrainData, dist: DistInfo) -> tuple[ProbeRecipe, float]:
+    """Backbone and head, data parallelism, optimizer and schedule, EMA: the probe's recipe for the loop."""
+    t = cfg.train
+    seed_everything(t.seed + dist.rank)
+    backbone, head = _backbone_and_head(cfg, dist.device)
+    model = parallelize(head, dist=dist, sync_bn=t.sync_bn)
+    optimizer, scheduler, lr = _optimisation(head, t, steps_per_epoch=data.steps_per_epoch)
+    log.info(
+        "global batch %d = %d per process x %d process(es) x %d accumulation step(s); lr = %g x %d / %d = %g",
+        *(t.global_batch, t.batch_size, dist.world_size, data.accum, t.base_lr, t.global_batch, t.lr_ref_batch),
+        lr,
+    )
+    evaluate = functools.partial(
+        evaluate_sets,
+        backbone=backbone,
+        datasets=data.val_sets,
+        dist=dist,
+        batch_size=cfg.eval.batch_size,
+        precision=cfg.backbone.precision,
+        num_workers=cfg.data.num_workers,
+        skip_corrupt=cfg.data.skip_corrupt,
+    )
+    recipe = ProbeRecipe(
+        backbone=backbone,
+        head=head,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ModelEma(head, decay=t.ema_decay) if t.ema else None,
+        batches=data.batches,
+        train=t,
+        num_classes=cfg.head.num_classes,
+        precision=cfg.backbone.precision,
+        steps_per_epoch=data.steps_per_epoch,
+        accum=data.accum,
+        evaluate=evaluate,
+        dist=dist,
+    )
+    return recipe, lr
+
+
 def run_train(cfg: ClassificationConfig) -> dict[str, object]:
     """Train a head on frozen features with the paper recipe; resumes from the run folder; saves the heads."""
     t = cfg.train
     dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
-        train_set, batches, accum, steps_per_epoch = _train_data(cfg, dist)
-        val_sets = build_eval_sets(["in1k"], cfg.data, build_eval_transform(cfg.backbone.img_size), train_set.classes)
+        data = _train_data(cfg, dist)
         signature = run_signature(
             t,
             cfg.head,
             cfg.backbone.precision,
             world_size=dist.world_size,
-            steps_per_epoch=steps_per_epoch,
-            accum=accum,
+            steps_per_epoch=data.steps_per_epoch,
+            accum=data.accum,
         )
-        checkpointer = Checkpointer(run_dir, signature=signature, dist=dist)
-        resume = checkpointer.find()
-        save_config(cfg, run_dir, dist)
-        seed_everything(t.seed + dist.rank)
-        backbone, head = _backbone_and_head(cfg, dist.device)
-        model = parallelize(head, dist=dist, sync_bn=t.sync_bn)
-        optimizer, scheduler, lr = _optimisation(head, t, steps_per_epoch=steps_per_epoch)
-        log.info(
-            "global batch %d = %d per process x %d process(es) x %d accumulation step(s); lr = %g x %d / %d = %g",
-            *(t.global_batch, t.batch_size, dist.world_size, accum, t.base_lr, t.global_batch, t.lr_ref_batch),
-            lr,
-        )
-        ema = ModelEma(head, decay=t.ema_decay) if t.ema else None
-        evaluate = functools.partial(
-            evaluate_sets,
-            backbone=backbone,
-            datasets=val_sets,
-            dist=dist,
-            batch_size=cfg.eval.batch_size,
-            precision=cfg.backbone.precision,
-            num_workers=cfg.data.num_workers,
-            skip_corrupt=cfg.data.skip_corrupt,
-        )
-        recipe = ProbeRecipe(
-            backbone=backbone,
-            head=head,
-            model=model,
-            ema=ema,
-            batches=batches,
-            train=t,
-            num_classes=cfg.head.num_classes,
-            precision=cfg.backbone.precision,
-            steps_per_epoch=steps_per_epoch,
-            accum=accum,
-            evaluate=evaluate,
-            dist=dist,
-        )
+        checkpointer, resume = open_run(cfg, run_dir=run_dir, dist=dist, signature=signature)
+        recipe, lr = _recipe(cfg, data, dist)
         settings = LoopSettings(
-            total_steps=t.epochs * steps_per_epoch,
-            accum_steps=accum,
-            eval_every=t.eval_every * steps_per_epoch,
-            save_every=steps_per_epoch,
+            total_steps=t.epochs * data.steps_per_epoch,
+            accum_steps=data.accum,
+            eval_every=t.eval_every * data.steps_per_epoch,
+            save_every=data.steps_per_epoch,
             clip_grad=t.clip_grad,
             grad_scaler=needs_grad_scaler(cfg.backbone.precision),
         )
-        history = train(
-            recipe,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            settings=settings,
-            checkpointer=checkpointer,
-            resume=resume,
-            dist=dist,
-            run_dir=run_dir,
-        )
+        history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if dist.is_main:
-            class_names = list(train_set.class_names)
-            meta = head_metadata(cfg.head.kind, backbone, cfg.head.num_classes, class_names, cfg.backbone.checkpoint)
-            save_head(head, run_dir / "head.safetensors", metadata=meta)
-            if ema is not None:
-                save_head(ema.module, run_dir / "head_ema.safetensors", metadata=meta)
+            names = list(data.train_set.class_names)
+            meta = head_metadata(cfg.head.kind, recipe.backbone, cfg.head.num_classes, names, cfg.backbone.checkpoint)
+            save_head(recipe.head, run_dir / "head.safetensors", metadata=meta)
+            if recipe.ema is not None:
+                save_head(recipe.ema.module, run_dir / "head_ema.safetensors", metadata=meta)
             save_results(history, run_dir, "train_history")
             log.info("heads saved to %s", run_dir)
-        return {"history": history, "lr": lr, "accum_steps": accum}
+        return {"history": history, "lr": lr, "accum_steps": data.accum}
     finally:
         cleanup_distributed()
 

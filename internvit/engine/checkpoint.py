@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from internvit.atomic import atomic_path
-from internvit.engine.distributed import DistInfo, all_gather_objects, barrier
+from internvit.engine.distributed import DistInfo, all_gather_objects, barrier, save_config
 from internvit.errors import InternViTError
 
 log = logging.getLogger(__name__)
@@ -154,3 +154,14 @@ class Checkpointer:
         state = {"signature": self.signature, "objects": {name: obj.state_dict() for name, obj in objects.items()}}
         self.backend.write(state, self.dist)
         barrier()
+
+
+def open_run(
+    config: object, *, run_dir: Path, dist: DistInfo, signature: dict[str, Any]
+) -> tuple[Checkpointer, ResumePoint | None]:
+    """The run folder's checkpointer and resume point (refused on other settings), then `config.yaml`: in that
+    order, so that a refused run leaves the folder saying what it holds. Call it before the backbone loads."""
+    checkpointer = Checkpointer(run_dir, signature=signature, dist=dist)
+    resume = checkpointer.find()
+    save_config(config, run_dir, dist)
+    return checkpointer, resume

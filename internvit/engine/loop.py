@@ -25,14 +25,21 @@ from torch import nn
 from tqdm import tqdm
 
 from internvit.engine.checkpoint import Checkpointer, ResumePoint, Stateful
-from internvit.engine.distributed import DistInfo
 from internvit.engine.schedule import StepScheduler
 
 log = logging.getLogger(__name__)
 
 
 class TrainTask(Protocol):
-    """What a task supplies to `train`: its data, its step function and its hooks."""
+    """What a task supplies to `train`: what trains, its data, its step function and its hooks.
+
+    `model` is the module `loss` calls (wrapped for data parallelism; its trainable parameters are the ones clipped),
+    `optimizer` and `scheduler` step once per optimizer step.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: StepScheduler
 
     def batches(self, start_step: int) -> Iterator[Any]:
         """Micro-batches from optimizer step `start_step` on, in the order an uninterrupted run sees them."""
@@ -120,23 +127,15 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def train(
-    task: TrainTask,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: StepScheduler,
-    settings: LoopSettings,
-    checkpointer: Checkpointer,
-    resume: ResumePoint | None,
-    dist: DistInfo,
-    run_dir: Path,
+    task: TrainTask, *, settings: LoopSettings, checkpointer: Checkpointer, resume: ResumePoint | None
 ) -> list[dict[str, Any]]:
     """Run steps from the resume point (or 0) to `settings.total_steps`; returns the history of records.
 
-    `model` is the module the task's `loss` calls (wrapped for data parallelism); its trainable parameters are the
-    ones clipped. Records are written at every evaluation point and every save point; a checkpoint of the loop,
-    the optimizer, the schedule, the scaler and the task's objects at every save point and at the end.
+    Records are written at every evaluation point and every save point; a checkpoint of the loop, the optimizer,
+    the schedule, the scaler and the task's objects at every save point and at the end.
     """
+    model, optimizer, scheduler = task.model, task.optimizer, task.scheduler
+    dist, run_dir = checkpointer.dist, checkpointer.run_dir
     scaler = torch.amp.GradScaler(dist.device.type, enabled=settings.grad_scaler)
     state = LoopState()
     objects = {

@@ -19,8 +19,9 @@ from internvit.data.ade20k import ADE20K, make_fewshot_subset, read_split_file, 
 from internvit.engine.checkpoint import Stateful
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import DistInfo, seed_everything
+from internvit.engine.schedule import StepScheduler
 from internvit.segmentation.checkpoints import trainable_state
-from internvit.segmentation.config import SegmentationConfig
+from internvit.segmentation.config import SegBackboneConfig, SegDataConfig, SegHeadConfig, SegTrainConfig
 from internvit.segmentation.segmentor import Segmentor
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,21 @@ def training_subset(
     return path, split_hash(subset)
 
 
-def run_signature(cfg: SegmentationConfig, *, world_size: int, split_hash: str | None) -> dict:
+def run_signature(
+    *,
+    train: SegTrainConfig,
+    head: SegHeadConfig,
+    backbone: SegBackboneConfig,
+    data: SegDataConfig,
+    world_size: int,
+    split_hash: str | None,
+) -> dict:
     """What must not change between a run and its resumption."""
     return {
-        "train": {k: v for k, v in asdict(cfg.train).items() if k not in ("eval_every", "log_every")},
-        "head": asdict(cfg.head) | {"checkpoint": ""},
-        "backbone": asdict(cfg.backbone),
-        "data": {k: v for k, v in asdict(cfg.data).items() if k != "num_workers"},
+        "train": {k: v for k, v in asdict(train).items() if k not in ("eval_every", "log_every")},
+        "head": asdict(head) | {"checkpoint": ""},
+        "backbone": asdict(backbone),
+        "data": {k: v for k, v in asdict(data).items() if k != "num_workers"},
         "world_size": world_size,
         "split_hash": split_hash,
     }
@@ -88,6 +97,8 @@ class SegmentationRecipe:
         *,
         segmentor: Segmentor,
         model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: StepScheduler,
         batches: TrainBatches,
         pipeline_epoch: Callable[[int], None],
         accum: int,
@@ -100,7 +111,8 @@ class SegmentationRecipe:
         split_hash: str | None,
         dist: DistInfo,
     ) -> None:
-        self.segmentor, self.model, self.train_batches, self.pipeline_epoch = segmentor, model, batches, pipeline_epoch
+        self.segmentor, self.model, self.optimizer, self.scheduler = segmentor, model, optimizer, scheduler
+        self.train_batches, self.pipeline_epoch = batches, pipeline_epoch
         self.accum, self.seed, self.backbone_frozen = accum, seed, backbone_frozen
         self.total_steps, self.log_every, self.dist = total_steps, log_every, dist
         self._evaluate, self._save, self.split_hash = evaluate, save, split_hash

@@ -20,7 +20,7 @@ from internvit.data import load_image
 from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE
 from internvit.data.images import check_image_paths
 from internvit.data.seg_transforms import TestPipeline, TrainPipeline
-from internvit.engine.checkpoint import Checkpointer
+from internvit.engine.checkpoint import open_run
 from internvit.engine.config import config_from_dict
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import (
@@ -103,6 +103,59 @@ def _train_data(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path):
     return pipeline, batches, t.global_batch // per_step, hash_
 
 
+def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline, batches, accum, val_set, hash_):
+    """The segmentor, data parallelism, AdamW with layer decay and the poly schedule: the recipe for the loop."""
+    t = cfg.train
+    segmentor = _segmentor(cfg, dist.device)
+    model = parallelize(
+        LossForward(segmentor),
+        dist=dist,
+        backbone=None if cfg.backbone.frozen else segmentor.backbone,
+        activation_checkpointing=cfg.backbone.grad_checkpointing,
+        compile=cfg.backbone.compile is True,  # a trained backbone compiles only when asked to
+    )
+    optimizer = build_adamw(
+        segmentor,
+        base_lr=t.lr,
+        weight_decay=t.weight_decay,
+        layer_decay=t.layer_decay,
+        num_blocks=len(segmentor.backbone.blocks),
+        quirk_decay_pos_embed=t.decay_pos_embed,
+    )
+    schedule = functools.partial(poly_lr, base_lr=t.lr, total_steps=t.iters, warmup_steps=t.warmup_iters)
+    log.info(
+        "global batch %d = %d per process x %d process(es) x %d accumulation step(s); lr %g",
+        *(t.global_batch, t.batch_size, dist.world_size, accum, t.lr),
+    )
+
+    def evaluate() -> dict:
+        return evaluate_segmentor(
+            segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist
+        ).summary()
+
+    def save(name: str, done: int) -> None:
+        if dist.is_main:
+            save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done})
+
+    return SegmentationRecipe(
+        segmentor=segmentor,
+        model=model,
+        optimizer=optimizer,
+        scheduler=StepScheduler(optimizer, schedule, lag_one_step=False),  # mmcv: f(t) before iter t
+        batches=batches,
+        pipeline_epoch=pipeline.set_epoch,
+        accum=accum,
+        seed=t.seed,
+        backbone_frozen=cfg.backbone.frozen,
+        total_steps=t.iters,
+        log_every=t.log_every,
+        evaluate=evaluate,
+        save=save,
+        split_hash=hash_,
+        dist=dist,
+    )
+
+
 def run_train(cfg: SegmentationConfig) -> dict:
     """Train with the paper's recipe (iterations, AdamW + layer decay, poly), evaluating and keeping the best."""
     t = cfg.train
@@ -110,57 +163,17 @@ def run_train(cfg: SegmentationConfig) -> dict:
     try:
         pipeline, batches, accum, hash_ = _train_data(cfg, dist, run_dir)
         val_set = build_val_set(cfg.data)
-        checkpointer = Checkpointer(
-            run_dir, signature=run_signature(cfg, world_size=dist.world_size, split_hash=hash_), dist=dist
-        )
-        resume = checkpointer.find()
-        save_config(cfg, run_dir, dist)
-        segmentor = _segmentor(cfg, dist.device)
-        trained_backbone = None if cfg.backbone.frozen else segmentor.backbone
-        model = parallelize(
-            LossForward(segmentor),
-            dist=dist,
-            backbone=trained_backbone,
-            activation_checkpointing=cfg.backbone.grad_checkpointing,
-            compile=cfg.backbone.compile is True,  # a trained backbone compiles only when asked to
-        )
-        optimizer = build_adamw(
-            segmentor,
-            base_lr=t.lr,
-            weight_decay=t.weight_decay,
-            layer_decay=t.layer_decay,
-            num_blocks=len(segmentor.backbone.blocks),
-            quirk_decay_pos_embed=t.decay_pos_embed,
-        )
-        schedule = functools.partial(poly_lr, base_lr=t.lr, total_steps=t.iters, warmup_steps=t.warmup_iters)
-        scheduler = StepScheduler(optimizer, schedule, lag_one_step=False)  # mmcv: f(t) before iter t
-        log.info(
-            "global batch %d = %d per process x %d process(es) x %d accumulation step(s); lr %g",
-            *(t.global_batch, t.batch_size, dist.world_size, accum, t.lr),
-        )
-
-        def evaluate() -> dict:
-            acc = evaluate_segmentor(segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist)
-            return acc.summary()
-
-        def save(name: str, done: int) -> None:
-            if dist.is_main:
-                save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done})
-
-        recipe = SegmentationRecipe(
-            segmentor=segmentor,
-            model=model,
-            batches=batches,
-            pipeline_epoch=pipeline.set_epoch,
-            accum=accum,
-            seed=t.seed,
-            backbone_frozen=cfg.backbone.frozen,
-            total_steps=t.iters,
-            log_every=t.log_every,
-            evaluate=evaluate,
-            save=save,
+        signature = run_signature(
+            train=t,
+            head=cfg.head,
+            backbone=cfg.backbone,
+            data=cfg.data,
+            world_size=dist.world_size,
             split_hash=hash_,
-            dist=dist,
+        )
+        checkpointer, resume = open_run(cfg, run_dir=run_dir, dist=dist, signature=signature)
+        recipe = _recipe(
+            cfg, dist, run_dir, pipeline=pipeline, batches=batches, accum=accum, val_set=val_set, hash_=hash_
         )
         settings = LoopSettings(
             total_steps=t.iters,
@@ -169,17 +182,7 @@ def run_train(cfg: SegmentationConfig) -> dict:
             save_every=t.save_every,
             grad_scaler=needs_grad_scaler(cfg.backbone.precision) and not cfg.backbone.frozen,
         )
-        history = train(
-            recipe,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            settings=settings,
-            checkpointer=checkpointer,
-            resume=resume,
-            dist=dist,
-            run_dir=run_dir,
-        )
+        history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if dist.is_main:
             save_results(history, run_dir, "train_history")
             log.info("best: %s; weights in %s", recipe.best, run_dir)
