@@ -48,11 +48,12 @@ def test_checkpointer_round_trip_and_signature_check(tmp_path):
     point = Checkpointer(tmp_path, signature=signature, dist=DIST).find()
     Checkpointer(tmp_path, signature=signature, dist=DIST).restore(point, objects)
     assert (objects["a"].value, objects["b"].value) == (3, 7)
+    assert point.state is None  # released: the memory-mapped file is not held once restored
     other = {"train": {"lr": 0.2, "epochs": 10}, "world_size": 2}
     with pytest.raises(InternViTError, match=r"other settings \(train.lr: 0.1 -> 0.2; world_size: 1 -> 2\)"):
         Checkpointer(tmp_path, signature=other, dist=DIST).find()
     with pytest.raises(InternViTError, match="lacks c"):
-        saver.restore(point, objects | {"c": Box()})
+        saver.restore(saver.find(), objects | {"c": Box()})
 
 
 def test_signature_differences_name_added_and_removed_fields():
@@ -62,7 +63,7 @@ def test_signature_differences_name_added_and_removed_fields():
 
 def test_checkpoint_without_signature_or_unreadable_is_refused(tmp_path):
     torch.save({"head": {}, "epoch": 3}, tmp_path / "checkpoint.pth")
-    with pytest.raises(InternViTError, match="without a settings signature"):
+    with pytest.raises(InternViTError, match="checkpoint in another format"):
         Checkpointer(tmp_path, signature={}, dist=DIST).find()
     (tmp_path / "checkpoint.pth").write_bytes(b"not a zip")
     with pytest.raises(InternViTError, match="cannot read training checkpoint"):
@@ -84,6 +85,16 @@ def test_renamed_fields_still_work_with_a_warning(caplog):
     assert "train.amp is now backbone.precision" in caplog.text
     with pytest.raises(InternViTError, match="backbone.precision must be one of fp32, bf16, fp16"):
         load_config(ClassificationConfig, overrides=["backbone.precision=int8"])
+    with pytest.raises(InternViTError, match="unknown config field train.amp"):  # never a segmentation field
+        load_config(SegmentationConfig, overrides=["train.amp=bf16"])
+
+
+def test_an_override_under_the_old_name_wins_over_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("backbone: {precision: bf16}\n")
+    assert load_config(SegmentationConfig, path, ["backbone.dtype=fp32"]).backbone.precision == "fp32"
+    path.write_text("backbone: {dtype: fp32}\n")
+    assert load_config(SegmentationConfig, path, ["backbone.precision=bf16"]).backbone.precision == "bf16"
 
 
 def test_one_segmentation_crop_field_drives_the_others():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from internvit.engine.config import BackboneConfig
 
@@ -91,3 +92,4 @@ class ClassificationConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/classification"
     device: str = "auto"  # auto | cuda | cpu
+    RENAMED_FIELDS: ClassVar[dict] = {"train.amp": ("backbone.precision", {"none": "fp32"})}

@@ -174,10 +174,10 @@ class ADE20K(Dataset):
                 fix=f"restore the missing PNGs in {label_dir} (same name as the image, .png)",
             )
         if subset_file is not None:
-            self._keep(read_split_file(subset_file), Path(subset_file))
+            self.restrict(read_split_file(subset_file), Path(subset_file))
 
-    def _keep(self, subset: list[str], source: Path) -> None:
-        """Restrict the dataset to the names of a split file, keeping filename order."""
+    def restrict(self, subset: list[str], source: Path) -> None:
+        """Restrict the dataset to the names of a split file (`source`, for messages), keeping filename order."""
         known = set(self.names)
         unknown = [name for name in subset if name not in known]
         if unknown:

@@ -76,9 +76,9 @@ class SingleFileBackend:
 
 @dataclass
 class ResumePoint:
-    """A checkpoint whose signature matched, read but not yet applied to the objects."""
+    """A checkpoint whose signature matched, read but not yet applied to the objects (`restore` releases it)."""
 
-    state: dict[str, Any]
+    state: dict[str, Any] | None
 
 
 def signature_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -121,11 +121,22 @@ class Checkpointer:
             )
         if not seen[0]:
             return None
+        try:
+            state, error = self._read_checked(), None
+        except InternViTError as e:
+            state, error = None, e
+        # every rank learns of any rank's failure, so none of them goes on alone into the next collective
+        errors = [e for e in all_gather_objects(None if error is None else (error.message, error.fix)) if e]
+        if errors:
+            raise error or InternViTError(errors[0][0], fix=errors[0][1])
+        return ResumePoint(state)
+
+    def _read_checked(self) -> dict[str, Any]:
         state = self.backend.read()
         stored = state.get("signature") if isinstance(state, Mapping) else None
         if stored is None or "objects" not in state:
             raise InternViTError(
-                f"{self.run_dir} holds a checkpoint without a settings signature (not written by this version)",
+                f"{self.run_dir} holds a checkpoint in another format (written by an earlier version, or not ours)",
                 fix="delete its checkpoint.pth to start afresh, or choose a new output_dir",
             )
         diffs = signature_differences(stored, self.signature)
@@ -135,10 +146,13 @@ class Checkpointer:
                 f"{self.run_dir} holds a run with other settings ({shown})",
                 fix="rerun with the settings in its config.yaml, or choose a new output_dir",
             )
-        return ResumePoint(state)
+        return state
 
     def restore(self, point: ResumePoint, objects: Mapping[str, Stateful]) -> None:
-        """Load every object's state; an object missing from the checkpoint is an error."""
+        """Load every object's state (an object missing from the checkpoint is an error), then release the read
+        state: a memory-mapped file must not stay mapped once a newer checkpoint replaces it."""
+        if point.state is None:
+            raise RuntimeError("this resume point was already restored")
         stored = point.state["objects"]
         missing = sorted(set(objects) - set(stored))
         if missing:
@@ -148,6 +162,7 @@ class Checkpointer:
             )
         for name, obj in objects.items():
             obj.load_state_dict(stored[name])
+        point.state = None
 
     def save(self, objects: Mapping[str, Stateful]) -> None:
         """Write every object's state with the signature (atomically), then wait for all ranks."""

@@ -17,12 +17,10 @@ from internvit.errors import InternViTError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-# Fields renamed since earlier releases: old dotted name -> (new name, old value -> new value). Old command lines,
-# YAML files and the settings stored in saved segmentors keep working, with a warning.
-RENAMED_FIELDS: dict[str, tuple[str, dict[Any, Any]]] = {
-    "train.amp": ("backbone.precision", {"none": "fp32"}),
-    "backbone.dtype": ("backbone.precision", {}),
-}
+# A config class may list fields renamed since earlier releases as `RENAMED_FIELDS`: old dotted name -> (new name,
+# old value -> new value). Old command lines, YAML files and the settings stored in saved models keep working, with a
+# warning; within one source (the YAML file, one override) the new name wins over the old.
+Renames = dict[str, tuple[str, dict[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class BackboneConfig:
 
     checkpoint: str = "internvit-6b-224px"  # file, folder, named tag or hub id; "random" = random init (tests, demo)
     preset: str | None = None  # default: detected from the checkpoint
-    img_size: int | None = 224
+    img_size: int = 224
     # fp32 | bf16 | fp16: what the backbone computes in, per task regime (engine/precision.py); fp16 adds a
     # GradScaler for what trains
     precision: str = "bf16"
@@ -111,32 +109,35 @@ def to_dict(config: Any) -> dict[str, Any]:
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Rebuild a config from its `to_dict` form (e.g. the settings stored in a saved model); renamed fields apply."""
     try:
-        return _merge(cls, _rename_fields(data))
+        return _merge(cls, _rename_fields(data, getattr(cls, "RENAMED_FIELDS", {})))
     except (ValueError, TypeError) as e:
         raise InternViTError(f"invalid config: {e}", fix="check the field name and value type") from e
 
 
-def _rename_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """Move fields of RENAMED_FIELDS to their new names (translating old values), with a warning."""
+def _rename_fields(data: dict[str, Any], renames: Renames) -> dict[str, Any]:
+    """Move renamed fields to their new names (translating old values), with a warning."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for old, (new, values) in RENAMED_FIELDS.items():
+    for old, (new, values) in renames.items():
         old_section, old_leaf = old.split(".")
         section = out.get(old_section)
         if not isinstance(section, dict) or old_leaf not in section:
             continue
         value = section.pop(old_leaf)
-        value = values.get(value, value)
+        value = values.get(value, value) if isinstance(value, str) else value
         new_section, new_leaf = new.split(".")
-        log.warning("config field %s is now %s (read %s=%s)", old, new, new, value)
-        out.setdefault(new_section, {})
-        if isinstance(out[new_section], dict):
-            out[new_section].setdefault(new_leaf, value)
+        target = out.setdefault(new_section, {})
+        if isinstance(target, dict) and new_leaf not in target:
+            target[new_leaf] = value
+            log.warning("config field %s is now %s (read %s=%s)", old, new, new, value)
+        else:
+            log.warning("config field %s is now %s, which is set too: %s is ignored", old, new, old)
     return out
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from its defaults, a YAML file of deltas and `a.b=value` overrides (values parsed as YAML)."""
     data: dict[str, Any] = {}
+    renames: Renames = getattr(cls, "RENAMED_FIELDS", {})
     if path:
         path = Path(path)
         if not path.is_file():
@@ -144,16 +145,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise InternViTError(f"{path}: a config must be a YAML mapping", fix="write `section: {field: value}`")
-        data = loaded
+        data = _rename_fields(loaded, renames)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InternViTError(f"bad override {item!r}", fix="write overrides as section.field=value")
+        value = yaml.safe_load(raw) if raw else ""
+        if key in renames:  # an override under its old name wins like any other override
+            key, values = renames[key]
+            log.warning("config field %s is now %s", item.partition("=")[0], key)
+            value = values.get(value, value) if isinstance(value, str) else value
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise InternViTError(f"override {key}: {part} is not a section", fix="check the field path")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = value
     return config_from_dict(cls, data)

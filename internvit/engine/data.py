@@ -108,8 +108,10 @@ class TrainBatches:
         while True:
             if on_epoch is not None:
                 on_epoch(epoch)
-            for i, batch in enumerate(self.loader(epoch, offset), start=offset):
-                if i >= per_epoch:
-                    break
+            batches = iter(self.loader(epoch, offset))
+            for i in range(offset, per_epoch):
+                batch = next(batches)
+                if i == per_epoch - 1:
+                    del batches  # the epoch's last batch: its workers stop now, not after the evaluation that follows
                 yield batch
             epoch, offset = epoch + 1, 0

@@ -186,7 +186,7 @@ def train(
 
 def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> dict[str, float]:
     """Forward + backward of `accum` micro-batches, gradients synchronised on the last; their mean logged values."""
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor] = {}
     for micro in range(accum):
         batch = next(batches)
         sync = micro == accum - 1
@@ -195,8 +195,8 @@ def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> di
             scaler.scale(loss / accum).backward()
         totals.add(loss, images)
         for key, value in {"loss": loss, **values}.items():
-            logs[key] = logs.get(key, 0.0) + (value.item() if torch.is_tensor(value) else float(value)) / accum
-    return logs
+            logs[key] = logs.get(key, 0.0) + value.detach().double() / accum
+    return dict(zip(logs, torch.stack(list(logs.values())).tolist(), strict=True))  # one device sync per step
 
 
 def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir) -> None:
@@ -207,9 +207,7 @@ def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, 
     if not (evaluate or save):
         return
     evaluation = task.evaluate(done) if evaluate else None
-    train_stats = totals.reduce()
-    totals.reset()
-    record = task.summarize(done, train_stats, evaluation)
+    record = task.summarize(done, totals.reduce(), evaluation)
     if record is not None:
         state.history.append(record)
         log.info("step %d: %s", done, record)
@@ -217,3 +215,4 @@ def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, 
             append_jsonl(run_dir / "metrics.jsonl", record)
     if save:
         checkpointer.save(objects)
+    totals.reset()  # the next interval's clock starts after the checkpoint is written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from internvit.engine.config import BackboneConfig
 
@@ -100,6 +101,7 @@ class SegmentationConfig:
     setting: str = "linear_probe"  # which row of the paper's table this run reproduces (PAPER_MIOU key)
     output_dir: str = "runs/segmentation"
     device: str = "auto"
+    RENAMED_FIELDS: ClassVar[dict] = {"backbone.dtype": ("backbone.precision", {})}
 
     def __post_init__(self) -> None:
         """Derive the resolution fields left unset from data.crop; refuse settings that contradict it."""

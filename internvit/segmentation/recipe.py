@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from internvit.data.ade20k import ADE20K, make_fewshot_subset, read_split_file, split_hash, write_split_file
+from internvit.data.ade20k import ADE20K, make_fewshot_subset, read_split_file, write_split_file
 from internvit.engine.checkpoint import Stateful
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import DistInfo, seed_everything
@@ -29,20 +29,24 @@ log = logging.getLogger(__name__)
 
 def training_subset(
     root: str, *, fewshot: int, fewshot_seed: int, split_file: str, run_dir: Path
-) -> tuple[Path | None, str | None]:
-    """The few-shot split file (written once from the seed, or reused) and its hash; (None, None) for all images."""
+) -> tuple[Path | None, list[str] | None]:
+    """The few-shot split file and its image names: `split_file` reused, or the seeded 1/k subset and the run-folder
+    file it is to be written to (by `write_subset`, once the run is accepted); (None, None) for all images."""
     if split_file:
-        return Path(split_file), split_hash(read_split_file(split_file))
+        return Path(split_file), read_split_file(split_file)
     if fewshot <= 1:
         return None, None
     names = ADE20K(root, "training").names
     subset = make_fewshot_subset(names, fewshot, fewshot_seed)
-    path = run_dir / f"fewshot_1of{fewshot}_seed{fewshot_seed}.txt"
-    write_split_file(path, subset)
-    log.info(
-        "few-shot 1/%d: %d of %d training images (seed %d) -> %s", fewshot, len(subset), len(names), fewshot_seed, path
-    )
-    return path, split_hash(subset)
+    log.info("few-shot 1/%d: %d of %d training images (seed %d)", fewshot, len(subset), len(names), fewshot_seed)
+    return run_dir / f"fewshot_1of{fewshot}_seed{fewshot_seed}.txt", subset
+
+
+def write_subset(path: Path | None, names: list[str] | None, *, reused: bool) -> None:
+    """Write a new few-shot subset into the run folder (a reused split file stays where it is)."""
+    if path is not None and names is not None and not reused:
+        write_split_file(path, names)
+        log.info("few-shot subset -> %s", path)
 
 
 def run_signature(

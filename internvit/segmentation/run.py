@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from internvit.data import load_image
-from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE
+from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE, split_hash
 from internvit.data.images import check_image_paths
 from internvit.data.seg_transforms import TestPipeline, TrainPipeline
 from internvit.engine.checkpoint import open_run
@@ -43,7 +43,13 @@ from internvit.segmentation.checkpoints import load_segmentation_checkpoint, loa
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.evaluate import build_val_set, evaluate_segmentor, result_rows
 from internvit.segmentation.metrics import PAPER_MIOU
-from internvit.segmentation.recipe import LossForward, SegmentationRecipe, run_signature, training_subset
+from internvit.segmentation.recipe import (
+    LossForward,
+    SegmentationRecipe,
+    run_signature,
+    training_subset,
+    write_subset,
+)
 from internvit.segmentation.segmentor import Segmentor, predict
 
 log = logging.getLogger(__name__)
@@ -83,9 +89,11 @@ def _train_data(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path):
         subset = training_subset(
             d.root, fewshot=d.fewshot, fewshot_seed=d.fewshot_seed, split_file=d.split_file, run_dir=run_dir
         )
-    split_file, hash_ = broadcast_object(subset)
+    split_file, names = broadcast_object(subset)
     pipeline = TrainPipeline(d.crop, t.seed, img_scale=tuple(d.img_scale))
-    train_set = ADE20K(d.root, "training", pipeline=pipeline, subset_file=split_file)
+    train_set = ADE20K(d.root, "training", pipeline=pipeline)
+    if names is not None:
+        train_set.restrict(names, split_file)
     batches = TrainBatches(
         train_set,
         batch_size=t.batch_size,
@@ -100,7 +108,7 @@ def _train_data(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path):
         raise InternViTError(
             f"{len(train_set)} training images are fewer than one batch per process", fix="lower train.batch_size"
         )
-    return pipeline, batches, t.global_batch // per_step, hash_
+    return pipeline, batches, t.global_batch // per_step, (split_file, names)
 
 
 def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline, batches, accum, val_set, hash_):
@@ -161,7 +169,8 @@ def run_train(cfg: SegmentationConfig) -> dict:
     t = cfg.train
     dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
-        pipeline, batches, accum, hash_ = _train_data(cfg, dist, run_dir)
+        pipeline, batches, accum, (split_file, names) = _train_data(cfg, dist, run_dir)
+        hash_ = split_hash(names) if names is not None else None
         val_set = build_val_set(cfg.data)
         signature = run_signature(
             train=t,
@@ -172,6 +181,8 @@ def run_train(cfg: SegmentationConfig) -> dict:
             split_hash=hash_,
         )
         checkpointer, resume = open_run(cfg, run_dir=run_dir, dist=dist, signature=signature)
+        if dist.is_main:
+            write_subset(split_file, names, reused=bool(cfg.data.split_file))
         recipe = _recipe(
             cfg, dist, run_dir, pipeline=pipeline, batches=batches, accum=accum, val_set=val_set, hash_=hash_
         )
