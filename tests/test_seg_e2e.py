@@ -26,6 +26,11 @@ def ade(tmp_path_factory):
     return make_mini_ade20k(root / "data", num_train=32), make_demo_checkpoint(root / "debug.pth")
 
 
+def has_checkpoint(run: Path) -> bool:
+    """A complete checkpoint: one file (DDP, one process) or a sharded folder (FSDP)."""
+    return (run / "checkpoint.pth").exists() or (run / "checkpoint" / "state.pth").exists()
+
+
 def small(data: Path, checkpoint: Path, out: Path, crop: int = 112, **extra) -> list[str]:
     """The demo's settings (debug backbone, crop scaled down from 504, fp32 on CPU), plus `extra`, which win."""
     return [*segmentation_overrides(data, checkpoint, out, crop), *(f"{k}={v}" for k, v in extra.items())]
@@ -94,9 +99,11 @@ def test_every_paper_setting_runs(ade, tmp_path, config):
         assert record["split_hash"]
 
 
-def test_killed_training_resumes_to_the_same_weights(ade, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_killed_training_resumes_to_the_same_weights(ade, tmp_path, parallel):
     data, checkpoint = ade
     extra = {
+        "train.parallel": parallel,
         "train.iters": 16,
         "train.save_every": 3,  # mid-epoch: 4 iterations make an epoch here
         "train.eval_every": 100,
@@ -120,7 +127,7 @@ def test_killed_training_resumes_to_the_same_weights(ade, tmp_path):
         [*cmd, *small(data, checkpoint, run, **extra)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
-    while not (run / "checkpoint.pth").exists() and time.time() < deadline:
+    while not has_checkpoint(run) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
     assert proc.poll() is None, "training finished before it could be interrupted"
@@ -263,7 +270,7 @@ def test_two_process_training_killed_and_resumed_equals_uninterrupted(ade, tmp_p
         start_new_session=True,  # its own process group: the launcher and both workers die together
     )
     deadline = time.time() + 300
-    while not (job / "checkpoint.pth").exists() and time.time() < deadline:
+    while not has_checkpoint(job) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
     assert proc.poll() is None, "training finished before it could be interrupted"

@@ -8,19 +8,32 @@ what must not change between a run and its resumption; a mismatch is refused, na
 Resume protocol: every rank reads the checkpoint itself (memory-mapped, so a 36 GB fine-tuning state is paged in
 as it is copied, never held twice), after checking that all ranks see it (the run folder must be shared).
 Storage is a backend: `SingleFileBackend` (rank 0 writes one `checkpoint.pth` atomically, tensors and plain values
-only, read with weights_only=True). A sharded backend (`torch.distributed.checkpoint`, every rank writing its
-shards) implements the same three methods, and the tasks do not change.
+only, read with weights_only=True), or `ShardedBackend` for FSDP2 runs (`torch.distributed.checkpoint`: every rank
+writes its own shards of the sharded objects, model and optimizer, and any number of processes can read them back).
+Objects marked `sharded = True` (`ShardedModelState`, `ShardedOptimizerState`) go through the backend's sharded
+path; the rest are plain state saved by rank 0.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from internvit.atomic import atomic_path
 from internvit.engine.distributed import DistInfo, all_gather_objects, barrier, save_config
@@ -36,17 +49,59 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
+class ShardedModelState:
+    """A sharded (FSDP2) module's state for the checkpointer: DTensor shards, canonical names, `keep(name)` entries."""
+
+    sharded = True
+
+    def __init__(self, module: nn.Module, keep: Callable[[str], bool] = lambda name: True) -> None:
+        self.module, self.keep = module, keep
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in get_model_state_dict(self.module).items() if self.keep(k)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.module, state, options=StateDictOptions(strict=False))
+
+
+class ShardedOptimizerState:
+    """An optimizer over sharded parameters: its states keyed by parameter name, so they reshard on load."""
+
+    sharded = True
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.module, self.optimizer, state)
+
+
+def full_state_dict(module: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The whole state of `module` in host memory on rank 0 (empty elsewhere); gathered tensor by tensor into CPU
+    memory when sharded (a collective: every rank calls it), so host memory holds one full copy, never two."""
+    if not sharded:
+        return module.state_dict()
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 class CheckpointBackend(Protocol):
     """Where and how a run folder's checkpoint is stored."""
 
     def exists(self) -> bool:
         """Whether this rank sees a checkpoint."""
 
-    def write(self, state: dict[str, Any], dist: DistInfo) -> None:
-        """Store `state` (called on every rank) so that an interruption leaves the previous one intact."""
+    def write(self, plain: dict[str, Any], sharded: dict[str, Any], dist: DistInfo) -> None:
+        """Store the plain state (rank 0's) and the sharded states (every rank's shards); called on every rank, so
+        that an interruption leaves the previous checkpoint intact."""
 
     def read(self) -> dict[str, Any]:
-        """This rank's view of the stored state."""
+        """This rank's view of the stored plain state (the signature included)."""
+
+    def read_sharded(self, templates: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+        """The stored sharded states, laid into `templates` (the live objects' state dicts, which say the shards)."""
 
 
 class SingleFileBackend:
@@ -58,10 +113,14 @@ class SingleFileBackend:
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def write(self, state: dict[str, Any], dist: DistInfo) -> None:
+    def write(self, plain: dict[str, Any], sharded: dict[str, Any], dist: DistInfo) -> None:
         if dist.is_main:
+            state = plain | {"objects": plain["objects"] | sharded}
             with atomic_path(self.path) as tmp:
                 torch.save(state, tmp)
+
+    def read_sharded(self, templates: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+        return {name: plain["objects"][name] for name in templates}
 
     def read(self) -> dict[str, Any]:
         try:
@@ -72,6 +131,57 @@ class SingleFileBackend:
                 f"cannot read training checkpoint {self.path} ({type(e).__name__}: {first})",
                 fix="delete it to start the run afresh, or point output_dir to another folder",
             ) from e
+
+
+class ShardedBackend:
+    """`run_dir/checkpoint/`: `torch.distributed.checkpoint` shards (every rank writes its own) plus `state.pth`,
+    the plain state written by rank 0. A save goes to `checkpoint.tmp/` and is swapped in once every rank has
+    finished, so a half-written step never replaces the last good one; any number of processes reads it back."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        run_dir = Path(run_dir)
+        self.path, self.tmp, self.old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+
+    def exists(self) -> bool:
+        if not (self.path / "state.pth").is_file() and (self.old / "state.pth").is_file():
+            return True  # interrupted between the two renames of a swap: the previous checkpoint is complete
+        return (self.path / "state.pth").is_file()
+
+    def _folder(self) -> Path:
+        return self.path if (self.path / "state.pth").is_file() else self.old
+
+    def write(self, plain: dict[str, Any], sharded: dict[str, Any], dist: DistInfo) -> None:
+        if dist.is_main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        barrier()
+        dcp.save(sharded, checkpoint_id=self.tmp)
+        if dist.is_main:
+            with atomic_path(self.tmp / "state.pth") as tmp:
+                torch.save(plain, tmp)
+        barrier()  # every rank's shards are complete
+        if dist.is_main:
+            if (self.path / "state.pth").is_file():
+                shutil.rmtree(self.old, ignore_errors=True)
+                os.replace(self.path, self.old)
+            shutil.rmtree(self.path, ignore_errors=True)  # a folder without state.pth is incomplete
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(self.old, ignore_errors=True)
+        barrier()
+
+    def read(self) -> dict[str, Any]:
+        path = self._folder() / "state.pth"
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise InternViTError(
+                f"cannot read training checkpoint {path} ({type(e).__name__}: {first})",
+                fix="delete the checkpoint folder to start the run afresh, or point output_dir to another folder",
+            ) from e
+
+    def read_sharded(self, templates: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+        dcp.load(templates, checkpoint_id=self._folder())
+        return templates
 
 
 @dataclass
@@ -154,29 +264,43 @@ class Checkpointer:
         if point.state is None:
             raise RuntimeError("this resume point was already restored")
         stored = point.state["objects"]
-        missing = sorted(set(objects) - set(stored))
+        sharded = {name for name, obj in objects.items() if getattr(obj, "sharded", False)}
+        missing = sorted(set(objects) - set(stored) - set(point.state.get("sharded", [])))
         if missing:
             raise InternViTError(
                 f"the checkpoint in {self.run_dir} lacks {', '.join(missing)}",
                 fix="delete its checkpoint.pth to start afresh, or choose a new output_dir",
             )
+        if sharded:
+            templates = {name: objects[name].state_dict() for name in sorted(sharded)}
+            loaded = self.backend.read_sharded(templates, point.state)
+            for name in sorted(sharded):
+                objects[name].load_state_dict(loaded[name])
         for name, obj in objects.items():
-            obj.load_state_dict(stored[name])
+            if name not in sharded:
+                obj.load_state_dict(stored[name])
         point.state = None
 
     def save(self, objects: Mapping[str, Stateful]) -> None:
         """Write every object's state with the signature (atomically), then wait for all ranks."""
-        state = {"signature": self.signature, "objects": {name: obj.state_dict() for name, obj in objects.items()}}
-        self.backend.write(state, self.dist)
+        sharded = {name: obj.state_dict() for name, obj in objects.items() if getattr(obj, "sharded", False)}
+        plain = {name: obj.state_dict() for name, obj in objects.items() if name not in sharded}
+        state = {"signature": self.signature, "objects": plain, "sharded": sorted(sharded)}
+        self.backend.write(state, sharded, self.dist)
         barrier()
 
 
 def open_run(
-    config: object, *, run_dir: Path, dist: DistInfo, signature: dict[str, Any]
+    config: object,
+    *,
+    run_dir: Path,
+    dist: DistInfo,
+    signature: dict[str, Any],
+    backend: CheckpointBackend | None = None,
 ) -> tuple[Checkpointer, ResumePoint | None]:
     """The run folder's checkpointer and resume point (refused on other settings), then `config.yaml`: in that
     order, so that a refused run leaves the folder saying what it holds. Call it before the backbone loads."""
-    checkpointer = Checkpointer(run_dir, signature=signature, dist=dist)
+    checkpointer = Checkpointer(run_dir, signature=signature, dist=dist, backend=backend)
     resume = checkpointer.find()
     save_config(config, run_dir, dist)
     return checkpointer, resume

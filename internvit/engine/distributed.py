@@ -46,8 +46,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); a plain run is world size 1."""
+def init_distributed(device: str = "auto", *, process_group: bool = False) -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); a plain run is world size 1, with a
+    one-process group when `process_group` asks for one (FSDP2 and distributed checkpoints need a group)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for, but no GPU is visible")
@@ -56,9 +57,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    backend = "nccl" if use_cuda else "gloo"
     if world_size > 1 and not dist.is_initialized():
         # a long timeout: rank 0 may write multi-GB checkpoints while the others wait at a barrier
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    elif process_group and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -113,10 +117,10 @@ def setup_logging(rank: int = 0, level: int = logging.INFO, log_file: str | os.P
     logger.propagate = False
 
 
-def start_run(output_dir: str | os.PathLike, device: str) -> tuple[DistInfo, Path]:
+def start_run(output_dir: str | os.PathLike, device: str, *, process_group: bool = False) -> tuple[DistInfo, Path]:
     """Join the process group, create the run folder and log to it; `save_config` follows once the start-up checks
     pass, so a refused run leaves the folder's `config.yaml` saying what the folder holds."""
-    info = init_distributed(device)
+    info = init_distributed(device, process_group=process_group)
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(info.rank, log_file=run_dir / "log.txt")

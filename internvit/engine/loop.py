@@ -22,9 +22,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from internvit.engine.checkpoint import Checkpointer, ResumePoint, Stateful
+from internvit.engine.checkpoint import Checkpointer, ResumePoint, ShardedOptimizerState, Stateful
+from internvit.engine.parallelize import is_sharded
 from internvit.engine.schedule import StepScheduler
 
 log = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ def train(
     state = LoopState()
     objects = {
         **task.state_objects(),
-        "optimizer": optimizer,
+        "optimizer": ShardedOptimizerState(model, optimizer) if is_sharded(model) else optimizer,
         "scheduler": scheduler,
         "scaler": scaler,
         "loop": state,
@@ -159,6 +161,7 @@ def train(
         lr = optimizer.param_groups[-1]["lr"]  # the rate this step uses
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad if settings.clip_grad > 0 else math.inf)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: the global norm
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -185,7 +188,8 @@ def train(
 
 
 def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> dict[str, float]:
-    """Forward + backward of `accum` micro-batches, gradients synchronised on the last; their mean logged values."""
+    """Forward + backward of `accum` micro-batches, gradients synchronised on the last; the logged values' means over
+    the micro-batches and processes."""
     logs: dict[str, torch.Tensor] = {}
     for micro in range(accum):
         batch = next(batches)
@@ -196,7 +200,11 @@ def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> di
         totals.add(loss, images)
         for key, value in {"loss": loss, **values}.items():
             logs[key] = logs.get(key, 0.0) + value.detach().double() / accum
-    return dict(zip(logs, torch.stack(list(logs.values())).tolist(), strict=True))  # one device sync per step
+    values = torch.stack(list(logs.values()))
+    if torch.distributed.is_initialized():  # the mean over all processes: the same figures on any number of them
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return dict(zip(logs, values.tolist(), strict=True))  # one device sync per step
 
 
 def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir) -> None:

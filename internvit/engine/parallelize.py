@@ -1,7 +1,9 @@
 """Applied from outside the model: the one place where models are prepared to run fast and in parallel.
 
 `parallelize` prepares what trains, in a fixed order: activation checkpointing (each backbone block wrapped), then
-compilation (each block), then data parallelism (SyncBatchNorm on GPUs + DDP today; FSDP2 slots in here).
+compilation (each block), then data parallelism: DDP (SyncBatchNorm on GPUs), or FSDP2 (`fully_shard` per block, then
+the backbone, then the root), whose sharded fp32 master weights, gradients and optimizer states make a 6B backbone
+trainable where a DDP replica does not fit.
 
 `optimize_for_inference` is the fast default for a frozen backbone (evaluation, feature extraction, probing). It
 never changes what is computed beyond bf16 rounding:
@@ -16,11 +18,23 @@ never changes what is computed beyond bf16 rounding:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from internvit.engine.distributed import DistInfo
@@ -134,6 +148,82 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class FSDPSettings:
+    """How FSDP2 shards what trains.
+
+    `param_dtype`: the dtype the backbone computes in (its parameters all-gathered in it; None: fp32); gradients are
+    reduced in fp32 and the sharded master weights, gradients and AdamW states stay fp32. `root`: the module around
+    the backbone that holds the heads (sharded as one group, computing in fp32), with `root_methods` (other than
+    forward) that run its parameters. `hybrid`: shard within a node, replicate across nodes (a 2-D mesh).
+    `cpu_offload`: sharded parameters, gradients and optimizer states live in host memory.
+    """
+
+    root: nn.Module
+    param_dtype: torch.dtype | None = None
+    root_methods: tuple[str, ...] = ()
+    hybrid: bool = False
+    cpu_offload: bool = False
+
+
+def device_mesh(dist: DistInfo, hybrid: bool) -> DeviceMesh:
+    """All ranks in one shard group, or (hybrid) nodes x local ranks: replicate across, shard within a node."""
+    if not hybrid:
+        return init_device_mesh(dist.device.type, (dist.world_size,), mesh_dim_names=("shard",))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    if dist.world_size % local:
+        raise InternViTError(
+            f"hybrid sharding needs the same number of processes on every node ({dist.world_size} over {local})",
+            fix="launch the same --nproc_per_node on every node, or set train.hybrid_shard=false",
+        )
+    shape = (dist.world_size // local, local)
+    return init_device_mesh(dist.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def shard(backbone: nn.Module, *, dist: DistInfo, settings: FSDPSettings) -> None:
+    """`fully_shard` each block, then the backbone (patch embedding, cls and pos), then the root, in place."""
+    mesh = device_mesh(dist, settings.hybrid)
+    offload = CPUOffloadPolicy() if settings.cpu_offload else OffloadPolicy()
+    compute = MixedPrecisionPolicy(param_dtype=settings.param_dtype, reduce_dtype=torch.float32)
+    for block in backbone.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=compute, offload_policy=offload)
+    fully_shard(backbone, mesh=mesh, mp_policy=compute, offload_policy=offload)
+    register_fsdp_forward_method(backbone, "get_intermediate_layers")
+    fully_shard(settings.root, mesh=mesh, offload_policy=offload)  # heads: fp32, as on the DDP path
+    for method in settings.root_methods:
+        register_fsdp_forward_method(settings.root, method)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: without SyncBatchNorm (gloo) each process
+    tracks its own, so before an evaluation or an export all ranks take the ones that are saved."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Keep every FSDP module's parameters all-gathered for a while (evaluation): ranks that run different numbers of
+    forwards (each scores its own images) then run no collective. FSDP2's documented evaluation pattern; a no-op for
+    modules that are not sharded."""
+    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for i, m in enumerate(fsdp):
+            m.reshard()
+            if i:  # FSDP keeps the root unsharded between forward and backward: leave its setting as it was
+                m.set_reshard_after_forward(True, recurse=False)
+
+
 def parallelize(
     module: nn.Module,
     *,
@@ -142,23 +232,31 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
     sync_bn: bool = True,
+    fsdp: FSDPSettings | None = None,
 ) -> nn.Module:
     """Prepare a trainable `module` in place (and return what to call): checkpoint, compile, data parallel.
 
     `backbone` is the trainable backbone inside `module` whose blocks are checkpointed and compiled (None: nothing
-    of a backbone trains). Across processes, BatchNorm becomes SyncBatchNorm on GPUs (with `sync_bn`; gloo has no
-    SyncBatchNorm, so on CPUs each process normalises with its own batch) and the module is wrapped in DDP, whose
+    of a backbone trains). With `fsdp`, the backbone and `fsdp.root` are sharded (FSDP2) and `module` is returned
+    as it is; FSDP reduce-scatters the gradients of every micro-step (accumulating them unsharded would hold a
+    full fp32 copy). Otherwise, across processes, BatchNorm becomes SyncBatchNorm on GPUs (with `sync_bn`; gloo has
+    no SyncBatchNorm, so on CPUs each process normalises with its own batch) and the module is wrapped in DDP, whose
     `no_sync` the loop uses on accumulation micro-steps. Build the optimizer and any EMA after this call.
     """
     if backbone is not None and activation_checkpointing:
         apply_activation_checkpointing(backbone)
     if backbone is not None and compile:
         compile_blocks(backbone)
+    if dist.distributed and sync_bn and dist.device.type == "cuda":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place below a non-BN root
+    elif dist.distributed and sync_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        log.warning("SyncBatchNorm needs GPUs: on CPU each process normalises with its own batch statistics")
+    if fsdp is not None:
+        if backbone is None:
+            raise InternViTError("FSDP shards a trained backbone", fix="use train.parallel=ddp for a frozen backbone")
+        shard(backbone, dist=dist, settings=fsdp)
+        return module
     if not dist.distributed:
         return module
-    if sync_bn and dist.device.type == "cuda":
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    elif sync_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-        log.warning("SyncBatchNorm needs GPUs: on CPU each process normalises with its own batch statistics")
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

@@ -223,9 +223,18 @@ def trainable_state(segmentor: Segmentor, backbone_frozen: bool) -> Tensors:
     return {k: v for k, v in state.items() if not (backbone_frozen and k.startswith("backbone."))}
 
 
-def save_segmentor(segmentor: Segmentor, cfg: SegmentationConfig, path: Path, extra: dict | None = None) -> None:
-    """Trainable weights (mmseg key layout) plus the run's settings in the metadata, so `segment` can rebuild it."""
-    state = trainable_state(segmentor, cfg.backbone.frozen)
+def save_segmentor(
+    segmentor: Segmentor,
+    cfg: SegmentationConfig,
+    path: Path,
+    extra: dict | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Trainable weights (mmseg key layout) plus the run's settings in the metadata, so `segment` can rebuild it.
+
+    `state`: the segmentor's whole state when it was gathered elsewhere (a sharded model); default its own."""
+    state = state if state is not None else segmentor.state_dict()
+    state = {k: v for k, v in state.items() if not (cfg.backbone.frozen and k.startswith("backbone."))}
     # mmseg keeps the FPN adapter inside the backbone (backbone.up1.*): save in that layout, as the released files
     parts = split_segmentor_state({("backbone." + k[4:] if k.startswith("fpn.") else k): v for k, v in state.items()})
     meta = {"config": json.dumps(to_dict(cfg)), **{k: str(v) for k, v in (extra or {}).items()}}

@@ -10,6 +10,7 @@ from internvit.engine.config import BackboneConfig
 
 HEAD_KINDS = ("linear", "upernet")
 TEST_RESIZES = ("setr", "keep_ratio")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,18 @@ class SegTrainConfig:
     eval_every: int = 1000
     save_every: int = 1000
     log_every: int = 50
+    # ddp | fsdp; null: fsdp when the backbone trains (sharded fp32 master weights, gradients and AdamW states), ddp
+    # when only the heads train
+    parallel: str | None = None
+    hybrid_shard: bool = False  # fsdp: shard within a node, replicate across nodes
+    cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer states in host memory
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size", "global_batch", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
+        if self.parallel not in (None, *PARALLEL):
+            raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
 
 
 @dataclass(frozen=True)
@@ -121,3 +129,9 @@ class SegmentationConfig:
         object.__setattr__(self, "data", data)
         stride = self.eval.stride or crop * 23 // 36 // 14 * 14
         object.__setattr__(self, "eval", replace(self.eval, crop=crop, stride=stride))
+        parallel = self.train.parallel or ("ddp" if self.backbone.frozen else "fsdp")
+        if parallel == "fsdp" and self.backbone.frozen:
+            raise ValueError("train.parallel=fsdp shards a trained backbone; a frozen one trains heads only: use ddp")
+        if parallel == "ddp" and (self.train.hybrid_shard or self.train.cpu_offload):
+            raise ValueError("train.hybrid_shard and train.cpu_offload need train.parallel=fsdp")
+        object.__setattr__(self, "train", replace(self.train, parallel=parallel))

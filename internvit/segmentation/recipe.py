@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from internvit.data.ade20k import ADE20K, make_fewshot_subset, read_split_file, write_split_file
-from internvit.engine.checkpoint import Stateful
+from internvit.engine.checkpoint import ShardedModelState, Stateful
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import DistInfo, seed_everything
+from internvit.engine.parallelize import is_sharded
 from internvit.engine.schedule import StepScheduler
 from internvit.segmentation.checkpoints import trainable_state
 from internvit.segmentation.config import SegBackboneConfig, SegDataConfig, SegHeadConfig, SegTrainConfig
@@ -55,7 +56,7 @@ def run_signature(
     head: SegHeadConfig,
     backbone: SegBackboneConfig,
     data: SegDataConfig,
-    world_size: int,
+    world_size: int | None,
     split_hash: str | None,
 ) -> dict:
     """What must not change between a run and its resumption."""
@@ -163,7 +164,8 @@ class SegmentationRecipe:
         return record
 
     def state_objects(self) -> Mapping[str, Stateful]:
-        return {"model": TrainableState(self.segmentor, self.backbone_frozen), "recipe": self}
+        model = ShardedModelState(self.segmentor) if is_sharded(self.segmentor) else None
+        return {"model": model or TrainableState(self.segmentor, self.backbone_frozen), "recipe": self}
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

@@ -20,7 +20,7 @@ from internvit.data import load_image
 from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE, split_hash
 from internvit.data.images import check_image_paths
 from internvit.data.seg_transforms import TestPipeline, TrainPipeline
-from internvit.engine.checkpoint import open_run
+from internvit.engine.checkpoint import ShardedBackend, full_state_dict, open_run
 from internvit.engine.config import config_from_dict
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import (
@@ -33,8 +33,8 @@ from internvit.engine.distributed import (
 )
 from internvit.engine.loop import LoopSettings, train
 from internvit.engine.optim import build_adamw
-from internvit.engine.parallelize import parallelize
-from internvit.engine.precision import needs_grad_scaler
+from internvit.engine.parallelize import FSDPSettings, broadcast_buffers, gathered, parallelize
+from internvit.engine.precision import autocast_dtype, needs_grad_scaler
 from internvit.engine.results import save_results
 from internvit.engine.schedule import StepScheduler, poly_lr
 from internvit.errors import InternViTError
@@ -115,12 +115,21 @@ def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline,
     """The segmentor, data parallelism, AdamW with layer decay and the poly schedule: the recipe for the loop."""
     t = cfg.train
     segmentor = _segmentor(cfg, dist.device)
+    sharded = t.parallel == "fsdp"
+    fsdp = FSDPSettings(
+        root=segmentor,
+        param_dtype=autocast_dtype(cfg.backbone.precision),
+        root_methods=("loss",),
+        hybrid=t.hybrid_shard,
+        cpu_offload=t.cpu_offload,
+    )
     model = parallelize(
         LossForward(segmentor),
         dist=dist,
         backbone=None if cfg.backbone.frozen else segmentor.backbone,
         activation_checkpointing=cfg.backbone.grad_checkpointing,
         compile=cfg.backbone.compile is True,  # a trained backbone compiles only when asked to
+        fsdp=fsdp if sharded else None,
     )
     optimizer = build_adamw(
         segmentor,
@@ -137,13 +146,16 @@ def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline,
     )
 
     def evaluate() -> dict:
-        return evaluate_segmentor(
-            segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist
-        ).summary()
+        if sharded:
+            broadcast_buffers(segmentor)  # every rank scores with, and exports, rank 0's BatchNorm statistics
+        with gathered(segmentor):  # sharded: parameters gathered once, as ranks score different numbers of windows
+            acc = evaluate_segmentor(segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist)
+        return acc.summary()
 
     def save(name: str, done: int) -> None:
+        state = full_state_dict(segmentor, sharded)  # sharded: a collective, gathered into rank 0's host memory
         if dist.is_main:
-            save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done})
+            save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done}, state=state)
 
     return SegmentationRecipe(
         segmentor=segmentor,
@@ -167,7 +179,7 @@ def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline,
 def run_train(cfg: SegmentationConfig) -> dict:
     """Train with the paper's recipe (iterations, AdamW + layer decay, poly), evaluating and keeping the best."""
     t = cfg.train
-    dist, run_dir = start_run(cfg.output_dir, cfg.device)
+    dist, run_dir = start_run(cfg.output_dir, cfg.device, process_group=t.parallel == "fsdp")
     try:
         pipeline, batches, accum, (split_file, names) = _train_data(cfg, dist, run_dir)
         hash_ = split_hash(names) if names is not None else None
@@ -177,10 +189,12 @@ def run_train(cfg: SegmentationConfig) -> dict:
             head=cfg.head,
             backbone=cfg.backbone,
             data=cfg.data,
-            world_size=dist.world_size,
+            # sharded checkpoints reshard: an FSDP run resumes on any number of processes
+            world_size=dist.world_size if t.parallel == "ddp" else None,
             split_hash=hash_,
         )
-        checkpointer, resume = open_run(cfg, run_dir=run_dir, dist=dist, signature=signature)
+        backend = ShardedBackend(run_dir) if t.parallel == "fsdp" else None
+        checkpointer, resume = open_run(cfg, run_dir=run_dir, dist=dist, signature=signature, backend=backend)
         if dist.is_main:
             write_subset(split_file, names, reused=bool(cfg.data.split_file))
         recipe = _recipe(
