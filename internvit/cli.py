@@ -22,6 +22,7 @@ from internvit.engine.precision import DTYPES
 from internvit.engine.results import format_table
 from internvit.errors import InternViTError
 from internvit.model import PRESETS, InternViT, count_flops, count_params
+from internvit.segmentation.build import plan_training
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.run import run_eval as run_seg_eval
 from internvit.segmentation.run import run_segment
@@ -164,6 +165,24 @@ def cmd_segment(args: argparse.Namespace) -> None:
             print(f"  {item['class']:<24} {100 * item['share']:6.2f}%")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    cfg = _segmentation_config(args)
+    if args.nproc < 1 or args.nnodes < 1:
+        raise InternViTError("--nproc and --nnodes must be >= 1", fix="e.g. --nproc 8 --nnodes 2")
+    world = args.nproc * args.nnodes
+    plan = plan_training(cfg.backbone, cfg.head, cfg.train, world_size=world, local_world_size=args.nproc)
+    if plan is None:
+        raise InternViTError(
+            f"cannot tell the preset of {cfg.backbone.checkpoint} without reading its weights",
+            fix="name it: backbone.preset=internvit-6b-224px (see internvit models)",
+        )
+    if args.json:
+        print(json.dumps({"settings": plan.settings, "bytes": plan.components, "total": plan.total}, indent=2))
+        return
+    print(f"memory per GPU: {cfg.train.parallel}, {world} process(es), batch {cfg.train.batch_size} per process")
+    print(format_table(plan.rows()))
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of settings over the paper defaults (see configs/classification/)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings that win over the file")
@@ -209,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = seg_sub.add_parser("eval", help="sliding-window mIoU on ADE20K val (head.checkpoint=...)")
     _add_config_args(p)
     p.set_defaults(func=cmd_seg_eval)
+
+    p = sub.add_parser("plan", help="memory per GPU of a segmentation training run, without starting it")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node (default 1)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("segment", help="colour mask, overlay and classes present, from a trained segmentor")
     p.add_argument("images", nargs="+", help="image files")

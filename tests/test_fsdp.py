@@ -149,6 +149,7 @@ PLAN_SCRIPT = textwrap.dedent(
     import torch
     from internvit.engine.distributed import init_distributed
     from internvit.engine.memory import plan_memory
+    from internvit.engine.optim import build_adamw
     from internvit.engine.parallelize import FSDPSettings, parallelize
     from internvit.model import build_model, get_config
     from internvit.segmentation.build import build_segmentor
@@ -164,9 +165,14 @@ PLAN_SCRIPT = textwrap.dedent(
     meta = segmentor("meta")
     plan = plan_memory(meta, blocks=meta.backbone.blocks, world_size=dist.world_size, rank=dist.rank,
                        parallel="fsdp", batch_size=1, tokens=65, activation_checkpointing=True)
+    def groups(module):
+        optimizer = build_adamw(module, base_lr=1e-3, weight_decay=0.05, layer_decay=0.9, num_blocks=4)
+        return {n: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for n in g["param_names"]}
+    plain = groups(segmentor("cpu"))
     real = segmentor("cpu")
-    model = parallelize(LossForward(real), dist=dist, backbone=real.backbone,
+    model = parallelize(LossForward(real), dist=dist, backbone=real.backbone, activation_checkpointing=True,
                         fsdp=FSDPSettings(root=real, root_methods=("loss",)))
+    assert groups(real) == plain and len(plain) == sum(1 for _ in real.parameters())
     params = sum(p.to_local().numel() * p.to_local().element_size() for p in real.parameters())
     opt = torch.optim.AdamW(real.parameters(), lr=1e-3)
     out = model(torch.randn(1, 3, 112, 112), torch.randint(0, 150, (1, 112, 112)))
@@ -180,7 +186,9 @@ PLAN_SCRIPT = textwrap.dedent(
 )
 
 
-def test_memory_plan_matches_the_shards_on_each_rank(tmp_path):
+def test_memory_plan_matches_the_shards_and_optimizer_groups_match_ddp(tmp_path):
+    """On each rank: the plan's bytes equal the real shards'; AdamW's layer-decay groups give every parameter the
+    same lr and weight decay as on an unsharded model (checked inside the script)."""
     script = tmp_path / "plan.py"
     script.write_text(PLAN_SCRIPT)
     result = subprocess.run(
@@ -191,3 +199,37 @@ def test_memory_plan_matches_the_shards_on_each_rank(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["plan"]["parameters"] == got["params"] and got["plan"]["gradients"] == got["params"]
         assert got["plan"]["optimizer"] == got["optimizer"]
+
+
+def test_plan_command_without_starting_a_run(capsys):
+    from internvit.cli import main
+
+    config = str(Path(__file__).parents[1] / "configs" / "segmentation" / "upernet_full_504.yaml")
+    plans = {}
+    for parallel, nproc in (("ddp", 1), ("fsdp", 1), ("fsdp", 8)):
+        assert main(["plan", "--config", config, f"train.parallel={parallel}", "--nproc", str(nproc), "--json"]) == 0
+        plans[parallel, nproc] = json.loads(capsys.readouterr().out)
+    ddp, one, eight = plans["ddp", 1]["bytes"], plans["fsdp", 1]["bytes"], plans["fsdp", 8]["bytes"]
+    assert ddp["parameters"] == one["parameters"] > 4 * 5.9e9  # fp32 master weights of the 6B backbone + heads
+    assert ddp["optimizer"] == 2 * ddp["parameters"] and eight["optimizer"] == 2 * eight["parameters"]
+    # rank 0's dim-0 chunks are the largest (a tensor of one row, such as pos_embed, stays whole on it)
+    assert one["parameters"] <= 8 * eight["parameters"] < 1.01 * one["parameters"]
+    assert eight["unsharded blocks"] > 0 and ddp["unsharded blocks"] == 0
+    assert main(["plan", "--config", config, "backbone.checkpoint=/no/such.pth", "--json"]) == 2
+    assert "backbone.preset=" in capsys.readouterr().err
+
+
+def test_a_plan_that_does_not_fit_stops_before_loading_and_names_the_switches(monkeypatch):
+    from internvit.engine.config import load_config
+    from internvit.engine.memory import check_fits
+    from internvit.errors import InternViTError
+    from internvit.segmentation.build import plan_training
+    from internvit.segmentation.config import SegmentationConfig
+
+    cfg = load_config(SegmentationConfig, overrides=["backbone.frozen=false"])
+    plan = plan_training(cfg.backbone, cfg.head, cfg.train, world_size=1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 80 * 2**30))
+    with pytest.raises(InternViTError, match=r"needs 90\.\d GiB per GPU, 80\.0 GiB are free") as e:
+        check_fits(plan, torch.device("cuda", 0))
+    assert "more processes" in e.value.fix and "train.cpu_offload=true" in e.value.fix
+    check_fits(plan_training(cfg.backbone, cfg.head, cfg.train, world_size=8), torch.device("cuda", 0))  # fits

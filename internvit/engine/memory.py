@@ -8,7 +8,7 @@ Exact for what is stored (computed from the parameter shapes, with FSDP2's dim-0
 Estimated for activations (a formula, not a measurement): per image and block the tensors a pre-norm block saves for
 backward, counted in widths of the residual stream (`SAVED_WIDTHS_PER_TOKEN` x tokens x width x bytes), fused
 attention (no tokens x tokens matrix); with activation checkpointing only each block's input is kept, plus one
-block's activations while it is recomputed.
+block's activations while it is recomputed; a frozen backbone keeps nothing for backward.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from internvit.errors import InternViTError
 
 # norm1 in/out, qkv (3), q/k norm outputs (2), attention out, proj in, ls1 in, norm2 in/out, fc1 out (4 for the
 # 4x MLP), GELU out (4), ls2 in: 23 residual widths per token for a 4x MLP (scaled with the real MLP width below)
@@ -82,11 +84,13 @@ def plan_memory(
     width = next((p.shape[-1] for n, p in first.named_parameters() if n.endswith("norm1.weight")), 0) if first else 0
     hidden = next((p.shape[0] for n, p in first.named_parameters() if n.endswith("fc1.weight")), 0) if first else 0
     per_block = batch_size * tokens * compute_bytes * (_BLOCK_WIDTHS * width + 2 * hidden)
-    if activation_checkpointing:
+    trained_blocks = first is not None and any(p.requires_grad for p in first.parameters())
+    if not trained_blocks:  # a frozen backbone saves nothing for backward: one block's working set at a time
+        activations = per_block
+    elif activation_checkpointing:
         activations = len(blocks) * batch_size * tokens * width * 4 + per_block  # fp32 block inputs + one recompute
     else:
         activations = len(blocks) * per_block
-    trained_blocks = first is not None and any(p.requires_grad for p in first.parameters())
     in_flight = 2 * block_params * compute_bytes if parallel == "fsdp" and trained_blocks else 0
     on_gpu = 0 if cpu_offload else trainable
     components = {
@@ -106,3 +110,28 @@ def plan_memory(
         "cpu_offload": cpu_offload,
     }
     return MemoryPlan(components, settings)
+
+
+def check_fits(plan: MemoryPlan, device: torch.device) -> None:
+    """On a GPU, stop before anything loads when the plan exceeds the free memory, naming what would fit."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if plan.total <= free:
+        return
+    s = plan.settings
+    hints = []
+    if s["parallel"] == "fsdp":
+        hints.append("more processes (the sharded parts shrink with them)")
+        if not s["cpu_offload"]:
+            hints.append("train.cpu_offload=true")
+    else:
+        hints.append("train.parallel=fsdp")
+    if not s["activation_checkpointing"]:
+        hints.append("backbone.grad_checkpointing=true")
+    if s["batch_size"] > 1:
+        hints.append("a smaller train.batch_size (the global batch is kept by accumulation)")
+    raise InternViTError(
+        f"the memory plan needs {plan.total / _GIB:.1f} GiB per GPU, {free / _GIB:.1f} GiB are free on {device}",
+        fix="; or ".join(hints),
+    )

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from internvit.engine.memory import MemoryPlan, plan_memory
 from internvit.engine.parallelize import optimize_for_inference, resolve_compile
 from internvit.engine.precision import autocast_dtype, resolve_dtype
 from internvit.errors import InternViTError
-from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
+from internvit.model import InternViT, get_config
+from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig, SegTrainConfig
 from internvit.segmentation.heads import FCNAuxHead, FPNAdapter, LinearHead, UPerHead
 from internvit.segmentation.segmentor import Segmentor
 from internvit.weights.loading import load_or_init_model
+from internvit.weights.tags import resolve_tag
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +73,56 @@ def build_segmentor(backbone, backbone_cfg: SegBackboneConfig, head: SegHeadConf
     if not backbone_cfg.frozen:
         segmentor.backbone_autocast = autocast_dtype(backbone_cfg.precision)
     return segmentor
+
+
+def backbone_preset(cfg: SegBackboneConfig) -> str | None:
+    """The backbone's preset without reading its weights: named, a tag's, the debug preset for "random", or the
+    `preset` in the header of one of our safetensors files; None when only the weights would tell."""
+    if cfg.preset:
+        return cfg.preset
+    tag = resolve_tag(cfg.checkpoint)
+    if tag is not None:
+        return tag.preset
+    if cfg.checkpoint == "random":
+        return "debug"
+    path = Path(cfg.checkpoint).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("preset")
+    return None
+
+
+def plan_training(
+    backbone_cfg: SegBackboneConfig,
+    head: SegHeadConfig,
+    train: SegTrainConfig,
+    *,
+    world_size: int,
+    rank: int = 0,
+    local_world_size: int | None = None,
+) -> MemoryPlan | None:
+    """The memory plan of a segmentation run, from a segmentor built on the meta device (nothing is loaded); None
+    when the preset is unknown before the weights are read (name it with backbone.preset)."""
+    preset = backbone_preset(backbone_cfg)
+    if preset is None:
+        return None
+    config = get_config(preset).replace(img_size=backbone_cfg.img_size)
+    with torch.device("meta"):
+        backbone = InternViT(config)
+        if backbone_cfg.frozen:
+            backbone = backbone.to(resolve_dtype(backbone_cfg.precision)).requires_grad_(False)
+        segmentor = build_segmentor(backbone, backbone_cfg, head)
+    trained = not backbone_cfg.frozen
+    return plan_memory(
+        segmentor,
+        blocks=backbone.blocks,
+        world_size=world_size,
+        rank=rank,
+        parallel=train.parallel or "ddp",
+        shard_size=local_world_size if train.hybrid_shard else None,
+        compute_bytes=resolve_dtype(backbone_cfg.precision).itemsize,
+        batch_size=train.batch_size,
+        tokens=1 + (backbone_cfg.img_size // config.patch_size) ** 2,
+        activation_checkpointing=trained and backbone_cfg.grad_checkpointing,
+        cpu_offload=train.cpu_offload,
+    )

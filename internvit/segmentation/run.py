@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +33,19 @@ from internvit.engine.distributed import (
     start_run,
 )
 from internvit.engine.loop import LoopSettings, train
+from internvit.engine.memory import check_fits
 from internvit.engine.optim import build_adamw
 from internvit.engine.parallelize import FSDPSettings, broadcast_buffers, gathered, parallelize
 from internvit.engine.precision import autocast_dtype, needs_grad_scaler
 from internvit.engine.results import save_results
 from internvit.engine.schedule import StepScheduler, poly_lr
 from internvit.errors import InternViTError
-from internvit.segmentation.build import build_seg_backbone, build_segmentor, optimize_frozen_backbone
+from internvit.segmentation.build import (
+    build_seg_backbone,
+    build_segmentor,
+    optimize_frozen_backbone,
+    plan_training,
+)
 from internvit.segmentation.checkpoints import load_segmentation_checkpoint, load_segmentor_weights, save_segmentor
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.evaluate import build_val_set, evaluate_segmentor, result_rows
@@ -109,6 +116,20 @@ def _train_data(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path):
             f"{len(train_set)} training images are fewer than one batch per process", fix="lower train.batch_size"
         )
     return pipeline, batches, t.global_batch // per_step, (split_file, names)
+
+
+def _memory_plan(cfg: SegmentationConfig, dist: DistInfo) -> None:
+    """Log the memory plan (rank 0); on a GPU, stop here when it does not fit."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    plan = plan_training(
+        cfg.backbone, cfg.head, cfg.train, world_size=dist.world_size, rank=dist.rank, local_world_size=local
+    )
+    if plan is None:
+        log.info("memory plan: set backbone.preset to see it before the backbone loads")
+        return
+    summary = ", ".join(f"{row['component']} {row['GiB']}" for row in plan.rows())
+    log.info("memory plan per GPU (GiB, %s over %d process(es)): %s", cfg.train.parallel, dist.world_size, summary)
+    check_fits(plan, dist.device)
 
 
 def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline, batches, accum, val_set, hash_):
@@ -193,6 +214,7 @@ def run_train(cfg: SegmentationConfig) -> dict:
             world_size=dist.world_size if t.parallel == "ddp" else None,
             split_hash=hash_,
         )
+        _memory_plan(cfg, dist)
         backend = ShardedBackend(run_dir) if t.parallel == "fsdp" else None
         checkpointer, resume = open_run(cfg, run_dir=run_dir, dist=dist, signature=signature, backend=backend)
         if dist.is_main:
