@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import statistics
@@ -136,3 +137,14 @@ class ResultLog:
 
     def _write(self, complete: bool) -> None:
         write_json(self.path, {**self.context, "complete": complete, "rows": self.rows})
+
+
+def guarded(measure: Callable[..., dict], *args) -> dict[str, object]:
+    """One variant's failure (out of memory, an unsupported kernel) is recorded in its row; the run goes on."""
+    try:
+        return measure(*args)
+    except Exception as e:  # noqa: BLE001 - a benchmark run must survive one variant; CI asserts no row has an error
+        logging.exception("variant failed")
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a sticky CUDA error (illegal address) raises here and ends the run
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}

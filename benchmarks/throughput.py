@@ -53,6 +53,7 @@ from _bench import (
     ResultLog,
     ceiling_dtype,
     environment,
+    guarded,
     matmul_ceiling_tflops,
     peak_memory_gib,
     reset_peak_memory,
@@ -286,17 +287,6 @@ def run_training(args, preset: str, device: torch.device, log: ResultLog) -> Non
         log.add(row | guarded(measure_training, args, name, config, state, device, log.ceiling))
         logging.info("train %s %d px b%d: %s img/s", name, res, batch, log.rows[-1].get("img_s"))
         release_compiled()
-
-
-def guarded(measure: Callable[..., dict], *args) -> dict[str, object]:
-    """One variant's failure (out of memory, an unsupported kernel) is recorded in its row; the run goes on."""
-    try:
-        return measure(*args)
-    except Exception as e:  # noqa: BLE001 - a benchmark run must survive one variant; CI asserts no row has an error
-        logging.exception("variant failed")
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # a sticky CUDA error (illegal address) raises here and ends the run
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

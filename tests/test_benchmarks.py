@@ -78,6 +78,18 @@ def test_input_pipeline_smoke(tmp_path):
         assert r["pct_of_forward"] == pytest.approx(100 * r["img_s"] / forward["img_s"])
 
 
+def test_finetune_smoke(tmp_path):
+    args = ["--preset", "debug", "--resolution", "56", "--batch", "2", "--iters", "2", "--warmup", "1"]
+    result = run_script("finetune.py", *args, tmp_path=tmp_path)
+    assert result["complete"] is True and result["world_size"] == 1
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["ddp", "fsdp"] and not [row for row in rows.values() if "error" in row]
+    for row in rows.values():
+        assert row["step_s"] > 0 and row["img_s"] == pytest.approx(2 / row["step_s"])
+        assert row["plan_gib"] > 0 and row["peak_gib"] is None  # device memory is tracked on GPUs only
+    assert rows["fsdp"]["plan_gib"] > rows["ddp"]["plan_gib"]  # one process: nothing to share, blocks in flight
+
+
 def test_uint8_loading_then_device_normalisation_is_bit_identical():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8))

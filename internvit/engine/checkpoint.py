@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from internvit.atomic import atomic_path
 from internvit.engine.distributed import DistInfo, all_gather_objects, barrier, save_config
+from internvit.engine.parallelize import broadcast_buffers
 from internvit.errors import InternViTError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class ShardedModelState:
         self.module, self.keep = module, keep
 
     def state_dict(self) -> dict[str, Any]:
+        # replicated buffers are stored once, from any rank: make them rank 0's first (BatchNorm statistics differ
+        # between ranks where there is no SyncBatchNorm)
+        broadcast_buffers(self.module)
         return {k: v for k, v in get_model_state_dict(self.module).items() if self.keep(k)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

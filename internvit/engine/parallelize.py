@@ -183,7 +183,8 @@ def device_mesh(dist: DistInfo, hybrid: bool) -> DeviceMesh:
 def shard(backbone: nn.Module, *, dist: DistInfo, settings: FSDPSettings) -> None:
     """`fully_shard` each block, then the backbone (patch embedding, cls and pos), then the root, in place."""
     mesh = device_mesh(dist, settings.hybrid)
-    offload = CPUOffloadPolicy() if settings.cpu_offload else OffloadPolicy()
+    # pinned host memory needs a GPU driver
+    offload = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if settings.cpu_offload else OffloadPolicy()
     compute = MixedPrecisionPolicy(param_dtype=settings.param_dtype, reduce_dtype=torch.float32)
     for block in backbone.blocks:
         fully_shard(block, mesh=mesh, mp_policy=compute, offload_policy=offload)
