@@ -23,6 +23,7 @@ from internvit.engine.results import format_table
 from internvit.errors import InternViTError
 from internvit.model import PRESETS, InternViT, count_flops, count_params
 from internvit.segmentation.build import plan_training
+from internvit.segmentation.checkpoints import export_segmentor
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.run import run_eval as run_seg_eval
 from internvit.segmentation.run import run_segment
@@ -165,6 +166,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
             print(f"  {item['class']:<24} {100 * item['share']:6.2f}%")
 
 
+def cmd_seg_export(args: argparse.Namespace) -> None:
+    print(f"wrote {export_segmentor(args.run, args.out)}")
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     cfg = _segmentation_config(args)
     if args.nproc < 1 or args.nnodes < 1:
@@ -225,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = seg_sub.add_parser("train", help="train a segmentor (configs/segmentation/*.yaml; torchrun for GPUs)")
     _add_config_args(p)
     p.set_defaults(func=cmd_seg_train)
+    p = seg_sub.add_parser("export", help="one safetensors file from a run's last checkpoint (sharded or not)")
+    p.add_argument("run", help="the run folder (output_dir of seg train)")
+    p.add_argument("--out", help="output file (default: RUN/export.safetensors)")
+    p.set_defaults(func=cmd_seg_export)
     p = seg_sub.add_parser("eval", help="sliding-window mIoU on ADE20K val (head.checkpoint=...)")
     _add_config_args(p)
     p.set_defaults(func=cmd_seg_eval)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from internvit.atomic import atomic_path
-from internvit.engine.distributed import DistInfo, all_gather_objects, barrier, save_config
+from internvit.engine.distributed import DistInfo, agree, all_gather_objects, barrier, save_config
 from internvit.engine.parallelize import broadcast_buffers
 from internvit.errors import InternViTError
 
@@ -151,7 +152,8 @@ class ShardedBackend:
             return True  # interrupted between the two renames of a swap: the previous checkpoint is complete
         return (self.path / "state.pth").is_file()
 
-    def _folder(self) -> Path:
+    def folder(self) -> Path:
+        """The complete checkpoint folder (the previous one while a swap was interrupted)."""
         return self.path if (self.path / "state.pth").is_file() else self.old
 
     def write(self, plain: dict[str, Any], sharded: dict[str, Any], dist: DistInfo) -> None:
@@ -173,18 +175,18 @@ class ShardedBackend:
         barrier()
 
     def read(self) -> dict[str, Any]:
-        path = self._folder() / "state.pth"
+        path = self.folder() / "state.pth"
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise InternViTError(
                 f"cannot read training checkpoint {path} ({type(e).__name__}: {first})",
-                fix="delete the checkpoint folder to start the run afresh, or point output_dir to another folder",
+                fix="delete the checkpoint*/ folders to start the run afresh, or point output_dir to another folder",
             ) from e
 
     def read_sharded(self, templates: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
-        dcp.load(templates, checkpoint_id=self._folder())
+        dcp.load(templates, checkpoint_id=self.folder())
         return templates
 
 
@@ -235,15 +237,7 @@ class Checkpointer:
             )
         if not seen[0]:
             return None
-        try:
-            state, error = self._read_checked(), None
-        except InternViTError as e:
-            state, error = None, e
-        # every rank learns of any rank's failure, so none of them goes on alone into the next collective
-        errors = [e for e in all_gather_objects(None if error is None else (error.message, error.fix)) if e]
-        if errors:
-            raise error or InternViTError(errors[0][0], fix=errors[0][1])
-        return ResumePoint(state)
+        return ResumePoint(agree(self._read_checked))
 
     def _read_checked(self) -> dict[str, Any]:
         state = self.backend.read()
@@ -251,7 +245,8 @@ class Checkpointer:
         if stored is None or "objects" not in state:
             raise InternViTError(
                 f"{self.run_dir} holds a checkpoint in another format (written by an earlier version, or not ours)",
-                fix="delete its checkpoint.pth to start afresh, or choose a new output_dir",
+                fix="delete its checkpoint (checkpoint.pth, or the checkpoint*/ folders) to start afresh, "
+                "or choose a new output_dir",
             )
         diffs = signature_differences(stored, self.signature)
         if diffs:
@@ -273,7 +268,8 @@ class Checkpointer:
         if missing:
             raise InternViTError(
                 f"the checkpoint in {self.run_dir} lacks {', '.join(missing)}",
-                fix="delete its checkpoint.pth to start afresh, or choose a new output_dir",
+                fix="delete its checkpoint (checkpoint.pth, or the checkpoint*/ folders) to start afresh, "
+                "or choose a new output_dir",
             )
         if sharded:
             templates = {name: objects[name].state_dict() for name in sorted(sharded)}
@@ -308,3 +304,29 @@ def open_run(
     resume = checkpointer.find()
     save_config(config, run_dir, dist)
     return checkpointer, resume
+
+
+def read_run_state(run_dir: str | Path, name: str = "model") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The whole object `name` of a run folder's checkpoint (sharded or one file) in host memory, once, plus the
+    checkpoint's plain state; in one process, without a model (for exporting a sharded run)."""
+    run_dir = Path(run_dir)
+    sharded = ShardedBackend(run_dir)
+    if sharded.exists():
+        folder = sharded.folder()
+        plain = sharded.read()
+        metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        prefix = f"{name}."
+        template = {
+            key[len(prefix) :]: torch.empty(md.size, dtype=md.properties.dtype)
+            for key, md in metadata.items()
+            if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
+        }
+        if not template:
+            raise InternViTError(f"{folder} holds no {name!r} state", fix="pass a run folder written by seg train")
+        dcp.load({name: template}, checkpoint_id=folder, no_dist=True)
+        return template, plain
+    single = SingleFileBackend(run_dir)
+    if not single.exists():
+        raise InternViTError(f"{run_dir} holds no training checkpoint", fix="pass the output_dir of a seg train run")
+    state = single.read()
+    return dict(state["objects"][name]), state

@@ -8,8 +8,10 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +19,9 @@ import torch.distributed as dist
 import yaml
 
 from internvit.atomic import atomic_path
+from internvit.errors import InternViTError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,8 @@ def init_distributed(device: str = "auto", *, process_group: bool = False) -> Di
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    backend = "nccl" if use_cuda else "gloo"
+    # on GPUs gloo serves CPU tensors too (CPU-offloaded FSDP shards reduce their gradient norms on the host)
+    backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
     if world_size > 1 and not dist.is_initialized():
         # a long timeout: rank 0 may write multi-GB checkpoints while the others wait at a barrier
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
@@ -90,6 +96,19 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree(check: Callable[[], T]) -> T:
+    """Run `check` on every rank; if it raises InternViTError on any of them, raise it on all, so that no rank goes
+    on alone into the next collective. Returns this rank's result."""
+    try:
+        result, error = check(), None
+    except InternViTError as e:
+        result, error = None, e
+    failed = [e for e in all_gather_objects(None if error is None else (error.message, error.fix)) if e]
+    if failed:
+        raise error or InternViTError(failed[0][0], fix=failed[0][1])
+    return result
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -1,14 +1,18 @@
 """The memory plan of a training run: bytes per GPU for what trains, before anything is loaded.
 
-Exact for what is stored (computed from the parameter shapes, with FSDP2's dim-0 chunking per rank):
+Exact for the stored state (computed from the parameter shapes, with FSDP2's dim-0 chunking per rank; tested
+against the real shards):
 - parameters: fp32 master weights (frozen ones in their storage dtype, never sharded);
 - gradients: fp32, the size of the trainable parameters (sharded like them under FSDP);
-- optimizer: AdamW's exp_avg and exp_avg_sq, fp32, likewise;
-- unsharded blocks: FSDP all-gathers one block's parameters in the compute dtype, and prefetches the next.
-Estimated for activations (a formula, not a measurement): per image and block the tensors a pre-norm block saves for
-backward, counted in widths of the residual stream (`SAVED_WIDTHS_PER_TOKEN` x tokens x width x bytes), fused
-attention (no tokens x tokens matrix); with activation checkpointing only each block's input is kept, plus one
-block's activations while it is recomputed; a frozen backbone keeps nothing for backward.
+- optimizer: AdamW's exp_avg and exp_avg_sq, fp32, likewise.
+From the shapes, for the transient FSDP buffers:
+- unsharded blocks: one block's parameters all-gathered in the compute dtype, and the next one prefetched;
+- unsharded heads: the root group (heads, FPN) stays gathered in fp32 from forward to backward, with its gradients.
+Estimated (a formula, not a measurement) for the backbone's activations: per image and block the tensors a pre-norm
+block saves for backward, in widths of the residual stream (`_BLOCK_WIDTHS` + 2 MLP widths) x tokens x bytes,
+fused attention (no tokens x tokens matrix); with activation checkpointing only each block's input is kept, plus one
+block's activations while it is recomputed; a frozen backbone keeps nothing for backward. The heads' activations and
+the evaluation's peak are not counted: keep a margin.
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ def plan_memory(
     tokens: int,
     activation_checkpointing: bool,
     cpu_offload: bool = False,
+    root_numel: int = 0,
 ) -> MemoryPlan:
     """The plan of `model` (built on the meta device: only shapes are read) for one rank.
 
     `parallel` is "ddp" (full replica) or "fsdp" (trainable parameters sharded over `shard_size` ranks: the world,
-    or one node under hybrid sharding); `compute_bytes` is the element size of the compute dtype (2 for bf16).
+    or one node under hybrid sharding); `compute_bytes` is the element size of the compute dtype (2 for bf16);
+    `root_numel` the parameters FSDP's root group holds (the heads around the backbone).
     """
     shards = shard_size or world_size
     trainable, frozen = 0, 0
@@ -88,7 +94,8 @@ def plan_memory(
     if not trained_blocks:  # a frozen backbone saves nothing for backward: one block's working set at a time
         activations = per_block
     elif activation_checkpointing:
-        activations = len(blocks) * batch_size * tokens * width * 4 + per_block  # fp32 block inputs + one recompute
+        stream = compute_bytes if parallel == "fsdp" else 4  # FSDP casts block inputs; autocast keeps them fp32
+        activations = len(blocks) * batch_size * tokens * width * stream + per_block  # block inputs + one recompute
     else:
         activations = len(blocks) * per_block
     in_flight = 2 * block_params * compute_bytes if parallel == "fsdp" and trained_blocks else 0
@@ -98,6 +105,7 @@ def plan_memory(
         "gradients": on_gpu,
         "optimizer": 2 * on_gpu,
         "unsharded blocks": in_flight,
+        "unsharded heads": 8 * root_numel if parallel == "fsdp" else 0,
         "activations (estimate)": activations,
     }
     settings = {

@@ -5,7 +5,9 @@ What a precision means for each regime (both follow their original):
   autocast would cast to), norms and LayerScale in fp32, so the residual stream stays fp32; the head runs under the
   same autocast, and fp16 adds a GradScaler, as the original's apex AMP;
 - a frozen segmentation backbone is stored whole in that dtype (the original's pure-bf16 segmentation backbone);
-- a fine-tuned backbone keeps fp32 master weights and runs under autocast in that dtype (DeepSpeed's bf16 mode).
+- a fine-tuned backbone keeps fp32 master weights and computes in that dtype: under autocast with DDP (fp32
+  residual stream), with its parameters all-gathered in it under FSDP2 (the residual stream in it too, as DeepSpeed's
+  bf16 mode).
 "fp32" switches reduced precision off everywhere.
 """
 

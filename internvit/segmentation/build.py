@@ -125,4 +125,5 @@ def plan_training(
         tokens=1 + (backbone_cfg.img_size // config.patch_size) ** 2,
         activation_checkpointing=trained and backbone_cfg.grad_checkpointing,
         cpu_offload=train.cpu_offload,
+        root_numel=sum(p.numel() for p in segmentor.parameters()) - sum(p.numel() for p in backbone.parameters()),
     )

@@ -46,7 +46,8 @@ import torch
 from safetensors.torch import save_file
 
 from internvit.atomic import atomic_path
-from internvit.engine.config import to_dict
+from internvit.engine.checkpoint import read_run_state
+from internvit.engine.config import load_config, to_dict
 from internvit.errors import InternViTError
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.segmentor import Segmentor
@@ -58,6 +59,7 @@ __all__ = [
     "SEG_KEY_MAP",
     "SegCheckpointReport",
     "load_segmentation_checkpoint",
+    "export_segmentor",
     "load_segmentor_weights",
     "save_segmentation_checkpoint",
     "save_segmentor",
@@ -224,7 +226,7 @@ def trainable_state(segmentor: Segmentor, backbone_frozen: bool) -> Tensors:
 
 
 def save_segmentor(
-    segmentor: Segmentor,
+    segmentor: Segmentor | None,
     cfg: SegmentationConfig,
     path: Path,
     extra: dict | None = None,
@@ -232,7 +234,8 @@ def save_segmentor(
 ) -> None:
     """Trainable weights (mmseg key layout) plus the run's settings in the metadata, so `segment` can rebuild it.
 
-    `state`: the segmentor's whole state when it was gathered elsewhere (a sharded model); default its own."""
+    `state`: the segmentor's whole state when it was gathered elsewhere (a sharded model, a run's checkpoint);
+    default the segmentor's own."""
     state = state if state is not None else segmentor.state_dict()
     state = {k: v for k, v in state.items() if not (cfg.backbone.frozen and k.startswith("backbone."))}
     # mmseg keeps the FPN adapter inside the backbone (backbone.up1.*): save in that layout, as the released files
@@ -258,3 +261,16 @@ def load_segmentor_weights(segmentor: Segmentor, source: str) -> None:
         )
     segmentor.load_state_dict(state, strict=False)
     log.info("loaded %d tensors from %s", len(state), source)
+
+
+def export_segmentor(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """One safetensors file in our layout from a training run's last checkpoint (sharded or not), in one process
+    and without building a model: what `seg eval`, `segment` and `load_model` read. Default `RUN/export.safetensors`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise InternViTError(f"{run_dir} has no config.yaml", fix="pass the output_dir of a seg train run")
+    cfg = load_config(SegmentationConfig, run_dir / "config.yaml")
+    state, plain = read_run_state(run_dir, "model")
+    path = Path(out) if out else run_dir / "export.safetensors"
+    save_segmentor(None, cfg, path, extra={"iter": plain["objects"]["loop"]["step"]}, state=state)
+    return path

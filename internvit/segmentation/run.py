@@ -26,6 +26,7 @@ from internvit.engine.config import config_from_dict
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import (
     DistInfo,
+    agree,
     broadcast_object,
     cleanup_distributed,
     resolve_device,
@@ -129,7 +130,7 @@ def _memory_plan(cfg: SegmentationConfig, dist: DistInfo) -> None:
         return
     summary = ", ".join(f"{row['component']} {row['GiB']}" for row in plan.rows())
     log.info("memory plan per GPU (GiB, %s over %d process(es)): %s", cfg.train.parallel, dist.world_size, summary)
-    check_fits(plan, dist.device)
+    agree(lambda: check_fits(plan, dist.device))
 
 
 def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline, batches, accum, val_set, hash_):
