@@ -111,9 +111,17 @@ def test_resume_on_another_number_of_processes(ade, one_process, tmp_path, first
     assert_same_weights(run, one_process)
 
 
-def test_bf16_mixed_precision_trains(ade, tmp_path):
+def test_cpu_offload_equals_the_reference(ade, one_process, tmp_path):
+    run = tmp_path / "offload"
+    train(ade, run, 1, **{"train.cpu_offload": "true"})
+    assert_same_weights(run, one_process)
+
+
+def test_bf16_mixed_precision_trains_with_hybrid_sharding(ade, tmp_path):
+    """bf16 compute on a 2-D mesh (1 node x 2 processes: replicate x shard)."""
     run = tmp_path / "bf16"
     extra = {"backbone.precision": "bf16", "train.iters": 8, "train.log_every": 1, "train.lr": 0.01}
+    extra |= {"train.hybrid_shard": "true"}
     train(ade, run, 2, **extra)
     steps = losses(run)
     assert len(steps) == 8 and sum(steps[-2:]) < sum(steps[:2]), steps
