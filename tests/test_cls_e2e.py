@@ -109,6 +109,12 @@ def test_killed_training_resumes_to_the_same_head(mini):
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
     assert not list(run.glob(".*.tmp"))
 
+    def records(folder: Path) -> list[tuple]:  # each metrics record once, in order, as an uninterrupted run writes
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [(r["epoch"], r.get("step"), r.get("train_loss")) for r in map(json.loads, lines)]
+
+    assert records(run) == records(root / "uninterrupted")
+
 
 def test_corrupt_image_names_the_file_or_is_skipped_and_counted(tmp_path, mini, capsys):
     _, _, checkpoint = mini

@@ -4,6 +4,8 @@ parallelize (activation checkpointing and compile from outside the model), and t
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 import yaml
 from conftest import TINY_6B, randomize_
 
+from internvit.classification import run as cls_run
 from internvit.classification.config import ClassificationConfig
 from internvit.cli import main
 from internvit.demo import classification_overrides, make_demo_checkpoint
@@ -147,19 +150,23 @@ def settings(paths, checkpoint, out: Path, **extra) -> list[str]:
     return [*classification_overrides(paths, checkpoint, out), *(f"{k}={v}" for k, v in (base | extra).items())]
 
 
-def test_refused_resume_names_the_fields_before_the_backbone_loads_and_keeps_config_yaml(probe_data, capsys):
+def test_refused_resume_names_the_fields_before_the_backbone_loads_and_keeps_config_yaml(
+    probe_data, capsys, monkeypatch
+):
     paths, checkpoint = probe_data
     run = checkpoint.parent / "run"
     assert main(["cls", "train", *settings(paths, checkpoint, run)]) == 0
     before = (run / "config.yaml").read_text()
-    # a missing backbone file would fail the load: the resume check must refuse first
-    changed = settings(paths, Path("/nonexistent/backbone.pth"), run, **{"train.base_lr": 0.5})
+    monkeypatch.setattr(cls_run, "_backbone_and_head", lambda *a, **k: pytest.fail("the backbone was loaded"))
     capsys.readouterr()
-    assert main(["cls", "train", *changed]) == 2
-    err = capsys.readouterr().err
-    assert "holds a run with other settings (train.base_lr: 1.6 -> 0.5)" in err and "nonexistent" not in err
+    assert main(["cls", "train", *settings(paths, checkpoint, run, **{"train.base_lr": 0.5})]) == 2
+    assert "holds a run with other settings (train.base_lr: 1.6 -> 0.5)" in capsys.readouterr().err
     assert (run / "config.yaml").read_text() == before
     assert yaml.safe_load(before)["train"]["base_lr"] == 1.6
+    other = checkpoint.parent / "other.pth"  # the same architecture, other weights
+    torch.save({"module": {k: v + 1 for k, v in torch.load(checkpoint, weights_only=True)["module"].items()}}, other)
+    assert main(["cls", "train", *settings(paths, other, run)]) == 2
+    assert "holds a run with other settings (backbone.files: " in capsys.readouterr().err
 
 
 def test_bad_data_and_images_fail_before_the_backbone_loads(probe_data, tmp_path, capsys):
@@ -187,3 +194,51 @@ def test_resumed_history_and_config_are_those_of_the_run(probe_data):
     first = json.loads((run / "train_history.json").read_text())
     assert main(["cls", "train", *args]) == 0  # all steps done: resumes at the end, trains nothing
     assert json.loads((run / "train_history.json").read_text()) == first and len(first) == 2
+
+
+def test_one_training_per_folder_and_leftovers_removed(probe_data, tmp_path, capsys):
+    from internvit.engine.run_folder import lock_run_folder
+
+    paths, checkpoint = probe_data
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".checkpoint.pth.x1y2.tmp").write_bytes(b"half a checkpoint")
+    (run / "checkpoint.tmp").mkdir()
+    holder = subprocess.Popen(  # another process holds the folder's lock
+        [
+            sys.executable,
+            "-c",
+            f"import time; from internvit.engine.run_folder import lock_run_folder as l; "
+            f"from pathlib import Path; l(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    assert main(["cls", "train", *settings(paths, checkpoint, run)]) == 2
+    assert f"another process (pid {holder.pid}) is training in {run}" in capsys.readouterr().err
+    holder.kill()
+    holder.wait()  # a dead holder's lock is free again
+    assert main(["cls", "train", *settings(paths, checkpoint, run)]) == 0
+    assert not list(run.glob(".*.tmp")) and not (run / "checkpoint.tmp").exists()
+    lock_run_folder(run)  # this process's own lock is taken once, silently
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(probe_data, tmp_path, capsys):
+    paths, checkpoint = probe_data
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "cls",
+                "train",
+                *settings(
+                    paths, checkpoint, run, **{"train.base_lr": 1e38, "train.warmup_epochs": 0, "train.epochs": 2}
+                ),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "training diverged at step" in err and "keeps the last good checkpoint" in err
+    assert not (run / "head.safetensors").exists()

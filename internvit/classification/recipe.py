@@ -64,10 +64,19 @@ def new_mixup(train: TrainConfig, num_classes: int, seed: int) -> Mix:
 
 
 def run_signature(
-    train: TrainConfig, head: HeadConfig, precision: str, *, world_size: int, steps_per_epoch: int, accum: int
+    train: TrainConfig,
+    head: HeadConfig,
+    precision: str,
+    *,
+    backbone: dict,
+    world_size: int,
+    steps_per_epoch: int,
+    accum: int,
 ) -> dict:
-    """What must not change between a run and its resumption (the schedule depends on all of it)."""
+    """What must not change between a run and its resumption (the schedule depends on all of it; `backbone` is the
+    backbone file's identity, so a head is never continued on other features)."""
     return {
+        "backbone": backbone,
         "train": {k: v for k, v in asdict(train).items() if k not in RESUME_FREE_FIELDS},
         "head": asdict(head) | {"checkpoint": ""},
         "precision": precision,

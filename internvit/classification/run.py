@@ -36,8 +36,10 @@ from internvit.engine.loop import LoopSettings, train
 from internvit.engine.parallelize import parallelize
 from internvit.engine.precision import autocast, needs_grad_scaler
 from internvit.engine.results import save_results
+from internvit.engine.run_folder import claim_run_folder
 from internvit.engine.schedule import StepScheduler, cosine_lr
 from internvit.errors import InternViTError
+from internvit.weights.files import checkpoint_identity
 
 log = logging.getLogger(__name__)
 COMPILE_MIN_IMAGES = 32  # `classify` compiles the backbone (on CUDA) only for at least this many images
@@ -174,11 +176,13 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
     t = cfg.train
     dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
+        claim_run_folder(run_dir, dist)
         data = _train_data(cfg, dist)
         signature = run_signature(
             t,
             cfg.head,
             cfg.backbone.precision,
+            backbone=checkpoint_identity(cfg.backbone.checkpoint),
             world_size=dist.world_size,
             steps_per_epoch=data.steps_per_epoch,
             accum=data.accum,

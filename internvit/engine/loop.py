@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from internvit.engine.checkpoint import Checkpointer, ResumePoint, ShardedOptimizerState, Stateful
 from internvit.engine.parallelize import is_sharded
 from internvit.engine.schedule import StepScheduler
+from internvit.errors import InternViTError
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +85,21 @@ class LoopSettings:
 
 
 class LoopState:
-    """The loop's own resumable state: steps done and the history of records."""
+    """The loop's own resumable state: steps done, the history of records, and how much of `metrics.jsonl` they
+    account for (a resumed run cuts the file there, so every record appears once)."""
 
-    def __init__(self) -> None:
-        self.step, self.history = 0, []
+    def __init__(self, metrics: Path | None) -> None:  # None: not the rank that writes metrics.jsonl
+        self.step, self.history, self.metrics = 0, [], metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "history": self.history}
+        size = self.metrics.stat().st_size if self.metrics and self.metrics.is_file() else 0
+        return {"step": self.step, "history": self.history, "metrics_bytes": size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.history = int(state["step"]), list(state["history"])
+        size = int(state.get("metrics_bytes", 0))
+        if self.metrics and self.metrics.is_file() and self.metrics.stat().st_size > size:
+            os.truncate(self.metrics, size)  # records of steps after the checkpoint are replayed: drop them
 
 
 class _Totals:
@@ -139,7 +146,7 @@ def train(
     model, optimizer, scheduler = task.model, task.optimizer, task.scheduler
     dist, run_dir = checkpointer.dist, checkpointer.run_dir
     scaler = torch.amp.GradScaler(dist.device.type, enabled=settings.grad_scaler)
-    state = LoopState()
+    state = LoopState(run_dir / "metrics.jsonl" if dist.is_main else None)
     objects = {
         **task.state_objects(),
         "optimizer": ShardedOptimizerState(model, optimizer) if is_sharded(model) else optimizer,
@@ -162,6 +169,7 @@ def train(
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad if settings.clip_grad > 0 else math.inf)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: the global norm
+        _check_finite(step, logs["loss"], float(norm), scaler.is_enabled(), run_dir)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -185,6 +193,18 @@ def train(
         _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir)
     bar.close()
     return state.history
+
+
+def _check_finite(step: int, loss: float, norm: float, scaled: bool, run_dir: Path) -> None:
+    """Stop at a non-finite loss or gradient norm (the same figures on every rank, so all stop together), before
+    the step is applied and before anything is saved: the last good checkpoint stays. With fp16 loss scaling an
+    infinite norm is expected now and then (the scaler skips that step)."""
+    if math.isfinite(loss) and (math.isfinite(norm) or scaled):
+        return
+    raise InternViTError(
+        f"training diverged at step {step + 1}: loss {loss}, gradient norm {norm}",
+        fix=f"lower the learning rate (or check the data); {run_dir} keeps the last good checkpoint",
+    )
 
 
 def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> dict[str, float]:

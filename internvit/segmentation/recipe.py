@@ -58,9 +58,11 @@ def run_signature(
     data: SegDataConfig,
     world_size: int | None,
     split_hash: str | None,
+    backbone_identity: dict,
 ) -> dict:
-    """What must not change between a run and its resumption."""
+    """What must not change between a run and its resumption (`backbone_identity`: the backbone file's)."""
     return {
+        "backbone_file": backbone_identity,
         "train": {k: v for k, v in asdict(train).items() if k not in ("eval_every", "log_every")},
         "head": asdict(head) | {"checkpoint": ""},
         "backbone": asdict(backbone),

@@ -39,6 +39,7 @@ from internvit.engine.optim import build_adamw
 from internvit.engine.parallelize import FSDPSettings, broadcast_buffers, gathered, parallelize
 from internvit.engine.precision import autocast_dtype, needs_grad_scaler
 from internvit.engine.results import save_results
+from internvit.engine.run_folder import claim_run_folder
 from internvit.engine.schedule import StepScheduler, poly_lr
 from internvit.errors import InternViTError
 from internvit.segmentation.build import (
@@ -59,6 +60,7 @@ from internvit.segmentation.recipe import (
     write_subset,
 )
 from internvit.segmentation.segmentor import Segmentor, predict
+from internvit.weights.files import checkpoint_identity
 
 log = logging.getLogger(__name__)
 COMPILE_MIN_IMAGES = 8  # `segment` compiles (on CUDA) only for this many images: each one is several 504 windows
@@ -203,6 +205,7 @@ def run_train(cfg: SegmentationConfig) -> dict:
     t = cfg.train
     dist, run_dir = start_run(cfg.output_dir, cfg.device, process_group=t.parallel == "fsdp")
     try:
+        claim_run_folder(run_dir, dist)
         pipeline, batches, accum, (split_file, names) = _train_data(cfg, dist, run_dir)
         hash_ = split_hash(names) if names is not None else None
         val_set = build_val_set(cfg.data)
@@ -214,6 +217,7 @@ def run_train(cfg: SegmentationConfig) -> dict:
             # sharded checkpoints reshard: an FSDP run resumes on any number of processes
             world_size=dist.world_size if t.parallel == "ddp" else None,
             split_hash=hash_,
+            backbone_identity=checkpoint_identity(cfg.backbone.checkpoint),
         )
         _memory_plan(cfg, dist)
         backend = ShardedBackend(run_dir) if t.parallel == "fsdp" else None

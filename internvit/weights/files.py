@@ -172,3 +172,21 @@ def read_checkpoint(source: str | Path) -> RawCheckpoint:
         raw = RawCheckpoint(tensors, [path], metadata)
     raw.tag = tag
     return raw
+
+
+def checkpoint_identity(source: str) -> dict[str, object]:
+    """What identifies a backbone checkpoint cheaply, for a run's resume settings: our files' content hash (from
+    the header), else path, size and modification time of each file; a tag, hub id or "random" by its name."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return {"source": str(source)}
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if len(files) == 1 and files[0].suffix == ".safetensors":
+        try:
+            with safe_open(files[0], framework="pt") as f:
+                digest = (f.metadata() or {}).get("content_sha256")
+        except (SafetensorError, OSError):
+            digest = None
+        if digest:
+            return {"content_sha256": digest}
+    return {"files": [[str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)] for p in files]}
