@@ -2,8 +2,6 @@
 from sharded checkpoints, exported as one safetensors file, and a memory plan that matches the real shards."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_seg_e2e import ENV, has_checkpoint, small
+from test_seg_e2e import ENV, has_checkpoint, kill_job, small
 
 from internvit.demo import make_demo_checkpoint
 from internvit.demo.ade20k import make_mini_ade20k
@@ -59,15 +57,12 @@ def train(ade, out: Path, nproc: int, **extra) -> subprocess.CompletedProcess:
 def kill_after_first_checkpoint(ade, out: Path, nproc: int, **extra) -> None:
     data, checkpoint = ade
     args = small(data, checkpoint, out, **(EXACT | extra))
-    proc = subprocess.Popen(
-        [*command(nproc), *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    proc = subprocess.Popen([*command(nproc), *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not has_checkpoint(out) and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
     assert not (out / "last.safetensors").exists()
 
 

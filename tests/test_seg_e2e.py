@@ -1,5 +1,6 @@
 """ADE20K protocols end to end through the real CLI on a generated mini ADE20K, with the debug backbone."""
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,41 @@ CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs", "segmentation").g
 def ade(tmp_path_factory):
     root = tmp_path_factory.mktemp("ade")
     return make_mini_ade20k(root / "data", num_train=32), make_demo_checkpoint(root / "debug.pth")
+
+
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """kill -9 a whole job, the launcher and all its workers, and wait until none of them runs."""
+    pids = _descendants(proc.pid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -267,15 +303,13 @@ def test_two_process_training_killed_and_resumed_equals_uninterrupted(ade, tmp_p
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the launcher and both workers die together
     )
     deadline = time.time() + 300
     while not has_checkpoint(job) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
     assert proc.poll() is None, "training finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
     assert not (job / "last.safetensors").exists()
     resumed = run(job)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
