@@ -168,8 +168,8 @@ def train(
         lr = optimizer.param_groups[-1]["lr"]  # the rate this step uses
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_grad if settings.clip_grad > 0 else math.inf)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded: the global norm
-        _check_finite(step, logs["loss"], float(norm), scaler.is_enabled(), run_dir)
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # sharded: the global norm
+        _check_finite(step, logs["loss"], norm, scaler.is_enabled(), run_dir)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -180,7 +180,7 @@ def train(
         elapsed = time.perf_counter() - start
         info = {
             **logs,
-            "grad_norm": float(norm),
+            "grad_norm": norm,
             "lr": lr,
             "img_s": totals.images / (time.perf_counter() - totals.start),
             "s_per_step": elapsed / (done - start_step),

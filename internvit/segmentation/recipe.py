@@ -114,7 +114,7 @@ class SegmentationRecipe:
         total_steps: int,
         log_every: int,
         evaluate: Callable[[], dict[str, Any]],
-        save: Callable[[str, int], None],
+        save: Callable[[list[str], int], None],  # save(file stems, done): the weights gathered once
         split_hash: str | None,
         dist: DistInfo,
     ) -> None:
@@ -159,10 +159,11 @@ class SegmentationRecipe:
         if evaluation is None:
             return None
         record = {"iter": done, **evaluation, "split_hash": self.split_hash}
+        names = ["last"]
         if self.best is None or evaluation["mIoU"] > self.best["mIoU"]:
             self.best = record
-            self._save("best", done)
-        self._save("last", done)
+            names.insert(0, "best")
+        self._save(names, done)
         return record
 
     def state_objects(self) -> Mapping[str, Stateful]:

@@ -176,10 +176,11 @@ def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline,
             acc = evaluate_segmentor(segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist)
         return acc.summary()
 
-    def save(name: str, done: int) -> None:
+    def save(names: list[str], done: int) -> None:
         state = full_state_dict(segmentor, sharded)  # sharded: a collective, gathered into rank 0's host memory
         if dist.is_main:
-            save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done}, state=state)
+            for name in names:
+                save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done}, state=state)
 
     return SegmentationRecipe(
         segmentor=segmentor,
