@@ -218,10 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cls = sub.add_parser("cls", help="linear-probe classification: train / eval (the paper protocol)")
     cls_sub = cls.add_subparsers(dest="cls_command", required=True)
-    p = cls_sub.add_parser("train", help="train a probe on frozen features (torchrun for several GPUs)")
+    p = cls_sub.add_parser(
+        "train", help="train a probe on frozen features: IN-1K, or data.custom=ROOT (torchrun for several GPUs)"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_cls_train)
-    p = cls_sub.add_parser("eval", help="score a head on in1k, real, v2, a, r, sketch with one backbone load")
+    p = cls_sub.add_parser(
+        "eval", help="score a head on in1k, real, v2, a, r, sketch (or data.custom's val/) with one backbone load"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_cls_eval)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from internvit.classification.checkpoints import read_head_file
 from internvit.cli import main
 from internvit.demo import classification_overrides, make_demo_checkpoint
-from internvit.demo.imagenet import make_mini_imagenet
+from internvit.demo.imagenet import make_mini_custom, make_mini_imagenet
 from internvit.engine.schedule import cosine_lr
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -187,3 +189,95 @@ def test_recipe_switches_train_and_save(mini, tmp_path, switches):
     assert (run / "head_ema.safetensors").exists() == ("train.ema=false" not in switches)
     record = json.loads((run / "train_history.json").read_text())[0]
     assert record["train_images"] == 224 and record["val_acc1_head"] > 10.0
+
+
+CUSTOM_NAMES = ["Red thing", "Green thing", "blue"]  # make_mini_custom's display names, in classes.txt order
+
+
+def custom_overrides(tree: Path, checkpoint: Path, out: Path, **extra) -> list[str]:
+    """A probe on a custom tree (24 train images in 3 steps of 8 per epoch), plus `extra`, which win."""
+    settings = {
+        "backbone.checkpoint": checkpoint,
+        "backbone.img_size": 56,
+        "head.num_classes": 3,
+        "data.custom": tree,
+        "data.num_workers": 0,
+        "train.epochs": 8,
+        "train.batch_size": 8,
+        "train.global_batch": 8,
+        "train.base_lr": 3.2,
+        "eval.batch_size": 64,
+        "output_dir": out,
+    } | extra
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def custom_run(mini):
+    """A head trained with `cls train` on a 3-class custom tree (classes.txt order and display names)."""
+    root, _, checkpoint = mini
+    tree = make_mini_custom(root / "flowers")
+    assert main(["cls", "train", *custom_overrides(tree, checkpoint, root / "custom-probe")]) == 0
+    return tree, checkpoint, root / "custom-probe"
+
+
+def test_custom_tree_trains_evaluates_and_classifies_with_its_class_names(custom_run, tmp_path, capsys):
+    tree, checkpoint, run = custom_run
+    history = json.loads((run / "train_history.json").read_text())
+    assert len(history) == 8 and history[-1]["train_images"] == 24 and "val_acc1_ema" in history[-1]
+    assert f"custom: {tree}" in (run / "config.yaml").read_text()
+    head = run / "head.safetensors"
+    info = read_head_file(head)
+    assert (info.num_classes, info.class_names) == (3, CUSTOM_NAMES)
+    assert info.classes == ["red_thing", "green thing", "blue"]  # the folders, in classes.txt (not sorted) order
+
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert main(["cls", "eval", *custom_overrides(tree, checkpoint, out, **{"head.checkpoint": head})]) == 0
+    assert "flowers-val" in capsys.readouterr().out  # the printed table
+    (row,) = json.loads((out / "eval_results.json").read_text())
+    assert (row["set"], row["name"], row["num_images"], row["skipped"]) == ("custom", "flowers-val", 12, 0)
+    assert row["acc1"] >= 75.0 and row["acc5"] == 100.0 and "paper_acc1" not in row, row
+    assert "flowers-val" in (out / "eval_results.csv").read_text() and (out / "eval_results.md").is_file()
+    per_class = json.loads((out / "eval_per_class.json").read_text())
+    assert [(r["index"], r["class"], r["name"], r["num_images"]) for r in per_class] == [
+        (0, "red_thing", "Red thing", 4),
+        (1, "green thing", "Green thing", 4),
+        (2, "blue", "blue", 4),
+    ]
+    assert all(name in (out / "eval_per_class.md").read_text() for name in CUSTOM_NAMES)
+
+    image = sorted((tree / "val" / "green thing").iterdir())[0]
+    assert main(["classify", str(image), "--backbone", str(checkpoint), "--head", str(head), "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert top[0]["class"] == "Green thing" and top[0]["index"] == 1
+    assert sorted(t["class"] for t in top) == sorted(CUSTOM_NAMES)  # top-5 of 3 classes: all three
+    assert main(["classify", str(image), "--backbone", str(checkpoint), "--head", str(head)]) == 0
+    assert "1. Green thing" in capsys.readouterr().out
+
+
+def test_custom_tree_mistakes_are_clear_errors(custom_run, tmp_path, capsys):
+    tree, checkpoint, run = custom_run
+    args = custom_overrides(tree, checkpoint, tmp_path / "run", **{"train.epochs": 1})
+
+    def error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "fix:" in err, err
+        return err
+
+    err = error(["cls", "train", *args, "head.num_classes=1000"])
+    assert "has 3 classes but head.num_classes=1000" in err and "set head.num_classes=3" in err
+    err = error(["cls", "eval", *args, f"head.checkpoint={run / 'head.safetensors'}", "eval.sets=[in1k,v2]"])
+    assert "with data.custom set, only its val/ split is scored" in err
+    # the same folders in another order: the head's logits would name the wrong classes
+    other = tmp_path / "reordered"
+    shutil.copytree(tree, other)
+    (other / "classes.txt").write_text("blue\nred_thing\ngreen thing\n")
+    err = error(["cls", "eval", *args, f"data.custom={other}", f"head.checkpoint={run / 'head.safetensors'}"])
+    assert "was trained on the classes" in err and "class 0 differs: 'red_thing' in the head, 'blue' here" in err
+    (other / "val" / "purple").mkdir()
+    shutil.copy(next((other / "val" / "blue").iterdir()), other / "val" / "purple" / "x.png")
+    err = error(["cls", "train", *args, f"data.custom={other}"])
+    assert "not in the 3-class list" in err and "purple" in err
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()  # every check ran before any training

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from internvit.data.custom import CustomSplit, custom_classes, load_classes_file
 from internvit.data.imagenet import (
     ImageNetAR,
     ImageNetSketch,
@@ -32,7 +33,7 @@ from internvit.data.imagenet_meta import (
     load_wnids,
 )
 from internvit.data.transforms import build_eval_transform, build_train_transform
-from internvit.demo.imagenet import PALETTE, SYNSETS, make_mini_imagenet
+from internvit.demo.imagenet import PALETTE, SYNSETS, make_mini_custom, make_mini_imagenet
 from internvit.errors import InternViTError
 from internvit.weights.tags import IMAGENET_MEAN, IMAGENET_STD
 
@@ -450,3 +451,79 @@ def test_skip_corrupt_loader_yields_the_rest_and_reports(mini, tmp_path, caplog,
         assert len(dropped) == 2 and all("dropped 1 undecodable image(s)" in m for m in dropped)
         assert sorted(ds.skipped) == sorted(broken)
     assert collate_skip_none([None, None]) is None
+
+
+# ----------------------------------------------------------------------------------------- custom class trees
+
+
+@pytest.fixture(scope="module")
+def custom_tree(tmp_path_factory) -> Path:
+    """make_mini_custom: classes.txt lists red_thing, green thing (a space), blue, not in sorted order."""
+    return make_mini_custom(tmp_path_factory.mktemp("custom") / "tree", train_per_class=3, val_per_class=2)
+
+
+def custom_copy(tree: Path, root: Path) -> Path:
+    shutil.copytree(tree, root)
+    return root
+
+
+def test_custom_classes_follow_the_classes_file_else_sorted_train_folders(custom_tree, tmp_path):
+    train, val = CustomSplit(custom_tree, "train"), CustomSplit(custom_tree, "val")
+    assert train.classes == val.classes == ["red_thing", "green thing", "blue"]
+    assert train.class_names == ["Red thing", "Green thing", "blue"]  # no display name: the folder name
+    assert (len(train), len(val), train.name, val.name) == (9, 6, "tree-train", "tree-val")
+    assert {p.suffix for p, _ in train.samples} == {".jpg", ".JPEG", ".jpeg"}  # suffixes in any letter case
+    assert all(p.parent.name == train.classes[t] for p, t in train.samples + val.samples)
+    # an explicit classes file wins over classes.txt; comments, blank lines and surrounding spaces are skipped
+    listing = tmp_path / "my classes.txt"
+    listing.write_text("# mine\n\n blue \t Blue sky \ngreen thing\nred_thing\tRed\n", encoding="utf-8")
+    assert load_classes_file(listing) == (["blue", "green thing", "red_thing"], ["Blue sky", "green thing", "Red"])
+    ds = CustomSplit(custom_tree, "val", classes_file=listing)
+    assert ds.classes == ["blue", "green thing", "red_thing"] and ds.targets == [0, 0, 1, 1, 2, 2]
+    # no classes file: the sorted train/ folders, named as they are
+    bare = custom_copy(custom_tree, tmp_path / "bare")
+    (bare / "classes.txt").unlink()
+    (bare / "train" / "blue" / "notes.txt").write_text("not an image")  # non-images are ignored
+    assert custom_classes(bare) == (["blue", "green thing", "red_thing"], ["blue", "green thing", "red_thing"])
+    ds = CustomSplit(bare, "train", transform=build_eval_transform(16))
+    assert len(ds) == 9 and ds[0][0].shape == (3, 16, 16) and ds[0][1:] == (0, 0)
+
+
+def test_custom_val_missing_a_class_is_scored_with_a_warning(custom_tree, tmp_path, caplog):
+    root = custom_copy(custom_tree, tmp_path / "tree")
+    shutil.rmtree(root / "val" / "green thing")
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        ds = CustomSplit(root, "val")
+    assert ds.num_classes == 3 and sorted(ds.targets) == [0, 0, 2, 2]
+    assert "no images of 1 of the 3 classes: green thing" in caplog.text
+
+
+def test_custom_layout_errors(custom_tree, tmp_path):
+    expect_error("custom dataset folder not found", CustomSplit, tmp_path / "nope")
+    expect_error("unknown custom dataset split 'test'", CustomSplit, custom_tree, "test")
+    root = custom_copy(custom_tree, tmp_path / "tree")
+    (root / "val" / "purple").mkdir()
+    tiny_image(root / "val" / "purple" / "a.PNG")
+    err = expect_error(r"1 class folder\(s\) of .*val are not in the 3-class list .*: purple", CustomSplit, root)
+    assert "classes.txt" in err.fix
+    shutil.rmtree(root / "val")
+    expect_error(r"has no val/ folder \(found: classes.txt, train\)", CustomSplit, root, "val")
+    tiny_image(root / "train" / "loose.jpg")
+    expect_error("1 image.* lie directly in .*train, outside any class folder: loose.jpg", CustomSplit, root, "train")
+    (root / "train" / "loose.jpg").unlink()
+    shutil.move(root / "train" / "blue", root / "train" / "Blue")
+    err = expect_error("not in the 3-class list .*: Blue", CustomSplit, root, "train")
+    (root / "classes.txt").write_text("red_thing\ngreen thing\nblue\nBlue\n")
+    expect_error("1 listed class.* have no folder in .*train: blue", CustomSplit, root, "train")
+    (root / "train" / "blue").mkdir()
+    expect_error("1 class folder.* hold no images: blue", CustomSplit, root, "train")
+    (root / "classes.txt").write_text("red_thing\nblue\nred_thing\n")
+    expect_error("lists class 'red_thing' twice \\(lines 1 and 3\\)", CustomSplit, root, "train")
+    (root / "classes.txt").write_text("# nothing but comments\n\n")
+    expect_error("lists no classes", CustomSplit, root, "train")
+    (root / "classes.txt").write_text("red_thing\n\tBlue\n")
+    expect_error("line 2 .*: no folder name before the tab", CustomSplit, root, "train")
+    expect_error("classes file not found", CustomSplit, root, "train", classes_file=tmp_path / "none.txt")
+    (root / "classes.txt").unlink()
+    shutil.rmtree(root / "train")
+    expect_error("neither a classes.txt nor a train/ folder", CustomSplit, root, "val")

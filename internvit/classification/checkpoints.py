@@ -124,6 +124,7 @@ class HeadFileInfo:
     num_classes: int
     class_names: list[str]  # the saved names, else the class indices as strings
     metadata: dict[str, str] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)  # the saved class folders (wnids, custom folders); [] if none
 
 
 def default_class_names(num_classes: int) -> list[str]:
@@ -145,15 +146,25 @@ def read_head_file(source: str | Path, *, use_ema: bool = False) -> HeadFileInfo
             fix="pass a file written by save_head() or the released intern_vit_6b_224px_head.pth",
         )
     num_classes = int(weight.shape[0])
+    names = _metadata_list(meta, "class_names", source, num_classes)
+    names = default_class_names(num_classes) if names is None else names
+    classes = _metadata_list(meta, "classes", source, num_classes) or []  # heads saved before it was recorded: []
+    return HeadFileInfo(kind, num_classes, names, meta, classes)
+
+
+def _metadata_list(meta: dict[str, str], key: str, source: str | Path, num_classes: int) -> list[str] | None:
+    """A JSON list of one string per class in the head file's metadata, or None when the file has no such entry."""
+    if key not in meta:
+        return None
     try:
-        names = json.loads(meta["class_names"]) if "class_names" in meta else default_class_names(num_classes)
+        items = json.loads(meta[key])
     except json.JSONDecodeError as e:
-        raise InternViTError(f"{source}: metadata class_names is not JSON ({e})", fix="re-save the head") from e
-    if not isinstance(names, list) or len(names) != num_classes:
+        raise InternViTError(f"{source}: metadata {key} is not JSON ({e})", fix="re-save the head") from e
+    if not isinstance(items, list) or len(items) != num_classes:
         raise InternViTError(
-            f"{source}: metadata class_names is not a list of {num_classes} names", fix="re-save the head with them"
+            f"{source}: metadata {key} is not a list of {num_classes} names", fix="re-save the head with them"
         )
-    return HeadFileInfo(kind, num_classes, [str(n) for n in names], meta)
+    return [str(n) for n in items]
 
 
 @torch.no_grad()
@@ -219,9 +230,22 @@ def save_head(head: nn.Module, path: str | Path, *, metadata: dict[str, str]) ->
     return path
 
 
-def head_metadata(kind: str, backbone: InternViT, num_classes: int, class_names: list[str], checkpoint: str):
-    """The settings a head file carries, so `classify` and `cls eval` can rebuild the head and its input."""
+def head_metadata(
+    kind: str,
+    backbone: InternViT,
+    num_classes: int,
+    class_names: list[str],
+    checkpoint: str,
+    *,
+    classes: list[str] | None = None,
+) -> dict[str, str]:
+    """The settings a head file carries, so `classify` and `cls eval` can rebuild the head and its input.
+
+    `class_names` are what `classify` prints (ImageNet: readable names; a custom set: its display names);
+    `classes` the class folders in logit order (wnids, custom folders), so `cls eval` can check a custom set's.
+    """
     cfg = backbone.config
+    extra = {"classes": json.dumps(classes)} if classes is not None else {}
     return {
         "kind": kind,
         "num_classes": str(num_classes),
@@ -230,4 +254,5 @@ def head_metadata(kind: str, backbone: InternViT, num_classes: int, class_names:
         "img_size": str(cfg.img_size),
         "backbone": checkpoint,
         "class_names": json.dumps(class_names),
+        **extra,
     }

@@ -8,13 +8,14 @@ from typing import ClassVar
 from internvit.engine.config import BackboneConfig
 
 EVAL_SETS = ("in1k", "real", "v2", "a", "r", "sketch")
+CUSTOM_SET = "custom"  # the val/ split of data.custom, the only set scored when data.custom is set
 HEAD_KINDS = ("cls_patch_concat", "attention_pooling", "clip_projector")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
     kind: str = "cls_patch_concat"  # cls_patch_concat | attention_pooling | clip_projector (HEADS)
-    num_classes: int = 1000
+    num_classes: int = 1000  # must equal the training classes: 1000 for IN-1K; with data.custom, its class count
     checkpoint: str = ""  # released or saved head to start from / evaluate
     use_ema: bool = False  # with a training checkpoint: take its EMA head
 
@@ -36,6 +37,17 @@ class DataConfig:
     imagenet_sketch: str = "data/imagenet-sketch"
     num_workers: int = 8
     skip_corrupt: bool = False  # skip undecodable images (counted in the results) instead of stopping
+    # A custom dataset instead of ImageNet: the root of a train/<class>/* + val/<class>/* image tree. When set,
+    # `cls train` trains on its train/ and validates on its val/, and `cls eval` scores its val/ (set "custom")
+    # instead of the ImageNet sets; head.num_classes must equal its class count.
+    custom: str = ""
+    # Its class list, a text file (class index = line order): `<folder>` or `<folder><TAB><display name>` per line,
+    # `#` comments. Default: <custom>/classes.txt when present, else the sorted train/ folders (data/custom.py).
+    custom_classes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.custom_classes and not self.custom:
+            raise ValueError("data.custom_classes is set but data.custom is not: set data.custom to the dataset root")
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class TrainConfig:
     ema_decay: float = 0.998
     sync_bn: bool = True
     seed: int = 0
-    eval_every: int = 1  # epochs; evaluates IN-1K val with the raw and the EMA head
+    eval_every: int = 1  # epochs; evaluates IN-1K val (data.custom: its val/) with the raw and the EMA head
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "global_batch", "lr_ref_batch"):
@@ -74,13 +86,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    # the sets `cls eval` scores; with data.custom only [custom] (its val/), which the default then means
     sets: list[str] = field(default_factory=lambda: list(EVAL_SETS))
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.sets if s not in EVAL_SETS]
+        bad = [s for s in self.sets if s not in (*EVAL_SETS, CUSTOM_SET)]
         if bad:
-            raise ValueError(f"eval.sets: unknown set {bad[0]!r} (valid: {', '.join(EVAL_SETS)})")
+            raise ValueError(f"eval.sets: unknown set {bad[0]!r} (valid: {', '.join((*EVAL_SETS, CUSTOM_SET))})")
 
 
 @dataclass(frozen=True)
@@ -93,3 +106,17 @@ class ClassificationConfig:
     output_dir: str = "runs/classification"
     device: str = "auto"  # auto | cuda | cpu
     RENAMED_FIELDS: ClassVar[dict] = {"train.amp": ("backbone.precision", {"none": "fp32"})}
+
+    def __post_init__(self) -> None:
+        sets = list(self.eval.sets)
+        if self.data.custom and sets not in (list(EVAL_SETS), [CUSTOM_SET]):
+            raise ValueError(
+                f"eval.sets={sets}: with data.custom set, only its val/ split is scored (a custom head has no "
+                "ImageNet logits); drop eval.sets or set eval.sets=[custom]"
+            )
+        if not self.data.custom and CUSTOM_SET in sets:
+            raise ValueError("eval.sets names 'custom' but data.custom is not set: set data.custom=ROOT")
+
+    def eval_sets(self) -> list[str]:
+        """The sets `cls eval` scores: eval.sets, or just the custom val split when data.custom is set."""
+        return [CUSTOM_SET] if self.data.custom else list(self.eval.sets)

@@ -1,4 +1,8 @@
-"""Scoring heads on the six ImageNet test sets, each image exactly once across all ranks (REFERENCE §3.2, §3.5)."""
+"""Scoring heads on the six ImageNet test sets (or a custom val split), each image exactly once across all ranks.
+
+See REFERENCE §3.2, §3.5. A custom set (data.custom) is scored like IN-1K val (top-1 / top-5 over its own classes);
+its rows name it by its root folder and carry no paper numbers.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from internvit.classification.config import DataConfig
+from internvit.classification.config import CUSTOM_SET, DataConfig
 from internvit.classification.metrics import PAPER_RESULTS_DETAILED, real_hits, restrict_logits, summarize, topk_hits
+from internvit.data.custom import CustomSplit
 from internvit.data.imagenet import build_dataset, collate_skip_none
 from internvit.data.imagenet_meta import load_wnids
 from internvit.engine.data import build_eval_loader
@@ -37,6 +42,7 @@ def dataset_root(data: DataConfig, name: str) -> str:
         "a": data.imagenet_a,
         "r": data.imagenet_r,
         "sketch": data.imagenet_sketch,
+        CUSTOM_SET: data.custom,
     }[name]
 
 
@@ -58,6 +64,14 @@ def build_eval_sets(
 
 
 def build_eval_set(name: str, data: DataConfig, transform: Callable, wnids: list[str] | None):
+    if name == CUSTOM_SET:
+        return CustomSplit(
+            data.custom,
+            "val",
+            classes_file=data.custom_classes or None,
+            transform=transform,
+            skip_corrupt=data.skip_corrupt,
+        )
     return build_dataset(
         name,
         dataset_root(data, name),
@@ -149,8 +163,12 @@ def evaluate_sets(
     precision: str,
     num_workers: int = 0,
     skip_corrupt: bool = False,
+    per_class: list[dict[str, object]] | None = None,
 ) -> list[dict[str, object]]:
-    """One result row per (set, head): Acc@1, Acc@5, images scored and skipped, beside the paper's linear probe."""
+    """One result row per (set, head): Acc@1, Acc@5, images scored and skipped, beside the paper's linear probe.
+
+    A `per_class` list is extended with each set's per-class rows (see `per_class_rows`).
+    """
     rows = []
     for name, dataset in datasets.items():
         collate = collate_skip_none if skip_corrupt else None
@@ -169,22 +187,50 @@ def evaluate_sets(
         )
         bar.close()
         scored = scores["_index"]["index"].numel()
+        title = SET_NAMES.get(name) or dataset.name  # a custom set: "<root folder>-val"
         for head_name in heads:
             s = scores[head_name]
             summary = summarize(s["top1"], s["top5"], s.get("valid"))
+            row = {
+                "set": name,
+                "name": title,
+                "head": head_name,
+                "acc1": round(summary["acc1"], 3),
+                "acc5": round(summary["acc5"], 3),
+                "num_images": summary["num_images"],
+                "skipped": len(dataset) - scored,
+            }
+            if name in PAPER_RESULTS_DETAILED:
+                # the paper's linear probe (6B-224px, cls_patch_concat, 224 px) on this set, for comparison
+                row |= {"paper_acc1": PAPER_RESULTS_DETAILED[name][0], "paper_acc5": PAPER_RESULTS_DETAILED[name][1]}
+            rows.append(row)
+        log.info("%s: %s", title, ", ".join(f"{r['head']} {r['acc1']:.2f}" for r in rows[-len(heads) :]))
+        if per_class is not None:
+            per_class.extend(per_class_rows(name, dataset, scores, list(heads)))
+    return rows
+
+
+def per_class_rows(name: str, dataset, scores: dict, heads: list[str]) -> list[dict[str, object]]:
+    """Acc@1 / Acc@5 of every head on each class of one set (by target; classes without scored images left out)."""
+    targets = torch.as_tensor(dataset.targets)[scores["_index"]["index"]]
+    rows = []
+    for head_name in heads:
+        s = scores[head_name]
+        for c, (folder, display) in enumerate(zip(dataset.classes, dataset.class_names, strict=True)):
+            chosen = targets == c
+            if not chosen.any():
+                continue
+            summary = summarize(s["top1"][chosen], s["top5"][chosen])
             rows.append(
                 {
                     "set": name,
-                    "name": SET_NAMES[name],
                     "head": head_name,
+                    "index": c,
+                    "class": folder,
+                    "name": display,
                     "acc1": round(summary["acc1"], 3),
                     "acc5": round(summary["acc5"], 3),
                     "num_images": summary["num_images"],
-                    "skipped": len(dataset) - scored,
-                    # the paper's linear probe (6B-224px, cls_patch_concat, 224 px) on this set, for comparison
-                    "paper_acc1": PAPER_RESULTS_DETAILED[name][0],
-                    "paper_acc5": PAPER_RESULTS_DETAILED[name][1],
                 }
             )
-        log.info("%s: %s", SET_NAMES[name], ", ".join(f"{r['head']} {r['acc1']:.2f}" for r in rows[-len(heads) :]))
     return rows

@@ -14,12 +14,14 @@ import torch
 
 from internvit.classification.build import build_backbone, new_head
 from internvit.classification.checkpoints import head_metadata, load_head_state, read_head_file, save_head
-from internvit.classification.config import ClassificationConfig, TrainConfig
+from internvit.classification.config import CUSTOM_SET, ClassificationConfig, TrainConfig
 from internvit.classification.evaluate import build_eval_sets, evaluate_sets
 from internvit.classification.heads import build_head
 from internvit.classification.recipe import ProbeRecipe, accumulation_steps, run_signature
 from internvit.data import build_eval_transform, build_train_transform, load_image
-from internvit.data.imagenet import build_dataset, collate_skip_none
+from internvit.data.custom import CustomSplit
+from internvit.data.imagenet import ImageClassificationDataset, build_dataset, collate_skip_none
+from internvit.data.imagenet_meta import few
 from internvit.data.images import check_image_paths
 from internvit.engine.checkpoint import open_run
 from internvit.engine.data import TrainBatches
@@ -56,22 +58,52 @@ class TrainData:
     steps_per_epoch: int
 
 
+def _train_set(cfg: ClassificationConfig) -> ImageClassificationDataset:
+    """IN-1K train, or the train/ split of data.custom when that is set."""
+    transform = build_train_transform(cfg.backbone.img_size)
+    if cfg.data.custom:
+        return CustomSplit(
+            cfg.data.custom,
+            "train",
+            classes_file=cfg.data.custom_classes or None,
+            transform=transform,
+            skip_corrupt=cfg.data.skip_corrupt,
+        )
+    return build_dataset(
+        "in1k", cfg.data.imagenet, split="train", transform=transform, skip_corrupt=cfg.data.skip_corrupt
+    )
+
+
+def _check_num_classes(cfg: ClassificationConfig, dataset: ImageClassificationDataset) -> None:
+    if dataset.num_classes != cfg.head.num_classes:
+        source = f"data.custom={cfg.data.custom}" if cfg.data.custom else "the training set"
+        raise InternViTError(
+            f"{source} has {dataset.num_classes} classes but head.num_classes={cfg.head.num_classes}",
+            fix=f"set head.num_classes={dataset.num_classes}",
+        )
+
+
+def _check_custom_head(cfg: ClassificationConfig, dataset: ImageClassificationDataset) -> None:
+    """The head to evaluate on a custom set has its class count and, when its file records them, its classes."""
+    _check_num_classes(cfg, dataset)
+    saved, here = read_head_file(cfg.head.checkpoint, use_ema=cfg.head.use_ema).classes, dataset.classes
+    if saved and saved != here:  # heads saved before the class folders were recorded have none: not checked
+        i = next((i for i, (a, b) in enumerate(zip(saved, here, strict=False)) if a != b), None)
+        detail = f"class {i} differs: {saved[i]!r} in the head, {here[i]!r} here" if i is not None else "not as many"
+        raise InternViTError(
+            f"{cfg.head.checkpoint} was trained on the classes {few(saved)}, but data.custom={cfg.data.custom} has "
+            f"{few(here)} ({detail})",
+            fix="evaluate on the dataset the head was trained on (same classes, same order), "
+            "or point data.custom_classes at its classes file",
+        )
+
+
 def _train_data(cfg: ClassificationConfig, dist: DistInfo) -> TrainData:
-    """The training set and its batches, the IN-1K val set, the accumulation steps and steps per epoch."""
+    """The training set and its batches, the IN-1K (or custom) val set, the accumulation steps and steps per epoch."""
     t = cfg.train
     accum = accumulation_steps(t.global_batch, t.batch_size, dist.world_size)
-    train_set = build_dataset(
-        "in1k",
-        cfg.data.imagenet,
-        split="train",
-        transform=build_train_transform(cfg.backbone.img_size),
-        skip_corrupt=cfg.data.skip_corrupt,
-    )
-    if train_set.num_classes != cfg.head.num_classes:
-        raise InternViTError(
-            f"the training set has {train_set.num_classes} classes but head.num_classes={cfg.head.num_classes}",
-            fix="set head.num_classes to match",
-        )
+    train_set = _train_set(cfg)
+    _check_num_classes(cfg, train_set)
     batches = TrainBatches(
         train_set,
         batch_size=t.batch_size,
@@ -86,7 +118,10 @@ def _train_data(cfg: ClassificationConfig, dist: DistInfo) -> TrainData:
             f"{len(train_set)} training images give no full step of {t.global_batch}", fix="lower train.global_batch"
         )
     transform = build_eval_transform(cfg.backbone.img_size)
-    val_sets = build_eval_sets(["in1k"], cfg.data, transform, train_set.classes)
+    if cfg.data.custom:
+        val_sets = build_eval_sets([CUSTOM_SET], cfg.data, transform)
+    else:
+        val_sets = build_eval_sets(["in1k"], cfg.data, transform, train_set.classes)
     return TrainData(train_set, batches, val_sets, accum, steps_per_epoch)
 
 
@@ -199,8 +234,15 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
         )
         history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if dist.is_main:
-            names = list(data.train_set.class_names)
-            meta = head_metadata(cfg.head.kind, recipe.backbone, cfg.head.num_classes, names, cfg.backbone.checkpoint)
+            train_set = data.train_set
+            meta = head_metadata(
+                cfg.head.kind,
+                recipe.backbone,
+                cfg.head.num_classes,
+                list(train_set.class_names),
+                cfg.backbone.checkpoint,
+                classes=list(train_set.classes),
+            )
             save_head(recipe.head, run_dir / "head.safetensors", metadata=meta)
             if recipe.ema is not None:
                 save_head(recipe.ema.module, run_dir / "head_ema.safetensors", metadata=meta)
@@ -212,15 +254,18 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
 
 
 def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
-    """Score the head (cfg.head.checkpoint) on any subset of the six test sets with one backbone load."""
+    """Score the head (cfg.head.checkpoint) on any subset of the six test sets (or data.custom's val/), one load."""
     if not cfg.head.checkpoint:
         raise InternViTError("no head to evaluate", fix="set head.checkpoint=PATH (e.g. a run's head.safetensors)")
     dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
         transform = build_eval_transform(cfg.backbone.img_size)
-        datasets = build_eval_sets(list(cfg.eval.sets), cfg.data, transform)
-        save_config(cfg, run_dir, dist)
+        datasets = build_eval_sets(cfg.eval_sets(), cfg.data, transform)
+        if CUSTOM_SET in datasets:
+            _check_custom_head(cfg, datasets[CUSTOM_SET])
+        save_config(cfg, run_dir, dist, name="eval_config.yaml")  # never the training run's config.yaml
         backbone, head = _backbone_and_head(cfg, dist.device)
+        per_class: list[dict[str, object]] | None = [] if cfg.data.custom else None  # a custom set: per class too
         rows = evaluate_sets(
             backbone=backbone,
             heads={"head": head},
@@ -230,9 +275,12 @@ def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
             precision=cfg.backbone.precision,
             num_workers=cfg.data.num_workers,
             skip_corrupt=cfg.data.skip_corrupt,
+            per_class=per_class,
         )
         if dist.is_main:
             paths = save_results(rows, run_dir, "eval_results")
+            if per_class is not None:
+                paths += save_results(per_class, run_dir, "eval_per_class")
             log.info("saved %s", ", ".join(str(p) for p in paths))
         return rows
     finally:

@@ -1,5 +1,6 @@
-"""Image decoding, transforms, and the ImageNet-family datasets in the layouts users really have."""
+"""Image decoding, transforms, the ImageNet-family datasets in the layouts users really have, and custom trees."""
 
+from internvit.data.custom import CustomSplit, custom_classes, load_classes_file
 from internvit.data.imagenet import (
     DATASET_NAMES,
     ImageNetAR,
@@ -14,6 +15,7 @@ from internvit.data.images import load_image
 from internvit.data.transforms import build_eval_transform, build_train_transform, normalize_images
 
 __all__ = [
+    "CustomSplit",
     "DATASET_NAMES",
     "ImageNetAR",
     "ImageNetSketch",
@@ -24,6 +26,8 @@ __all__ = [
     "build_train_transform",
     "normalize_images",
     "collate_skip_none",
+    "custom_classes",
+    "load_classes_file",
     "load_image",
     "load_real_labels",
     "load_wnids",

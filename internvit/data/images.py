@@ -4,21 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from internvit.errors import InternViTError
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB (decoding now, so a truncated file fails here, naming the file)."""
+def load_image(path: str | Path, *, exif: bool = False) -> Image.Image:
+    """Open and fully decode an image as RGB (decoding now, so a truncated file fails here, naming the file).
+
+    `exif=True` applies the EXIF orientation (single-image inference: the picture as its viewer shows it); the
+    datasets of the protocols leave it off, as torchvision's and timm's loaders do.
+    """
     path = Path(path)
     if not path.is_file():
         raise InternViTError(f"no such image file: {path}", fix="check the path")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return (ImageOps.exif_transpose(img) if exif else img).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InternViTError(f"cannot decode image {path} ({e})", fix="the file is corrupt or not an image") from e
+
+
+def read_image_bgr(path: str | Path) -> np.ndarray:
+    """Decode an image as uint8 BGR HWC with OpenCV, as mmcv's loader (`imfrombytes`, flag 'color'): grey and
+    16-bit images become 8-bit BGR, alpha is dropped, the EXIF orientation is applied."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise InternViTError(f"cannot read image {path} ({e.strerror or e})", fix="check the path") from e
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise InternViTError(f"cannot decode image {path}", fix="the file is corrupt or not an image")
+    return image
 
 
 def check_image_paths(paths: list[str]) -> None:

@@ -1,42 +1,28 @@
-"""The ADE20K training and test pipelines of mmseg 0.30 (REFERENCE §5.2, §5.3) on numpy uint8 RGB images.
+"""The segmentation training and test pipelines of mmseg 0.30 (REFERENCE §5.2, §5.3), on OpenCV as the original.
 
-Each random step takes an explicit numpy Generator and draws in the same order and from the same distributions
-as mmseg (its global legacy `np.random` maps to `rng.random/integers/uniform`); the random streams themselves
-differ. Images are RGB (we decode with PIL) while the original works in BGR: every op here is channel-symmetric
-except HSV, which goes through BGR so that results equal theirs on the same pixels.
+Images are uint8 BGR HWC arrays as `cv2.imdecode` gives them (mmcv's loader), and every step calls the OpenCV
+function mmcv calls (`cv2.resize` INTER_LINEAR / INTER_NEAREST, `cv2.cvtColor` BGR<->HSV, flips);
+PhotoMetricDistortion's brightness/contrast arithmetic is mmseg's own numpy float32 code. Each random step takes an
+explicit numpy Generator and draws in the same order and from the same distributions as mmseg (its global legacy
+`np.random` maps to `rng.random/integers/uniform`); the random streams themselves differ.
 
-OpenCV is not required; where the original calls it, we re-implement its exact integer/float32 arithmetic:
-`resize_bilinear` = cv2.INTER_LINEAR on uint8 (11-bit fixed-point weights, its vertical rounding, no antialias),
-`resize_nearest` = cv2.INTER_NEAREST's index rule, `bgr_to_hsv` = COLOR_BGR2HSV (integer tables, H in [0, 180)),
-`hsv_to_bgr` = COLOR_HSV2BGR (float32 with a fused multiply-add; rows converted in 32-pixel SIMD blocks that
-truncate, the row's tail rounded), `normalize` = mmcv.imnormalize. Checked bit-exact against opencv-python-headless
-4.10 on x86-64/AVX2: random sizes, every BGR colour, every HSV triple, and the whole training pipeline against a
-cv2 re-typing of mmseg's, given the same random draws. An OpenCV build with another SIMD width (SSE4.1-only x86,
-ARM NEON: 16-pixel blocks) or without FMA differs by one level at some pixels after an HSV step. JPEG decoding
-(PIL vs cv2's libjpeg) may also differ.
+The pipelines stop at uint8: they return an RGB CHW uint8 image (padded with 0 in training, with its valid size) and
+a uint8 label (uint16 for datasets of more than 255 classes), and `normalize_images` finishes on the device with
+mmcv.imnormalize's exact arithmetic (float32 subtract, float64 multiply), so workers move a quarter of the bytes and
+do none of the float work. `normalize` is the same arithmetic on a numpy HWC array.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 
 IGNORE_INDEX = 255
 SEG_MEAN = (123.675, 116.28, 103.53)  # RGB, as mmseg's img_norm_cfg (to_rgb=True on BGR input)
 SEG_STD = (58.395, 57.12, 57.375)
-
-_COEF_BITS = 11  # cv2 INTER_RESIZE_COEF_BITS
-_HSV_SHIFT = 12
-# cv2's RGB2HSV_b tables: saturate_cast<int> rounds to nearest (no ties occur for these quotients)
-_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=np.int64)
-_HDIV180 = np.array([0] + [round((180 << _HSV_SHIFT) / (6.0 * i)) for i in range(1, 256)], dtype=np.int64)
-# cv2's HSV2BGR on uint8 converts each row in SIMD blocks of 4 vectors of float32 lanes: 32 pixels with the AVX2
-# dispatch of x86-64 opencv-python wheels (16 on SSE4.1-only or ARM NEON machines), which truncate to uint8
-CV_HSV_SIMD_BLOCK = 32
-# HSV2RGB sector -> indices into (v, v(1-s), v(1-sh), v(1-s(1-h))) for b, g, r
-_SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
 
 
 # ----------------------------------------------------------------------------------------------- resizing
@@ -48,56 +34,20 @@ def keep_ratio_size(height: int, width: int, scale: Sequence[float]) -> tuple[in
     return int(height * float(factor) + 0.5), int(width * float(factor) + 0.5)
 
 
-def _linear_taps(src: int, dst: int, clamp_weights: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """cv2 INTER_LINEAR source taps and 11-bit weights along one axis (half-pixel centres, float32 positions)."""
-    pos = ((np.arange(dst) + 0.5) * (src / dst) - 0.5).astype(np.float32)
-    lo = np.floor(pos).astype(np.int64)
-    frac = (pos - lo).astype(np.float32)
-    if clamp_weights:  # cv2 clamps x taps (weight 1 on the edge pixel); y taps keep their weights on clamped rows
-        edge = (lo < 0) | (lo >= src - 1)
-        frac[edge] = 0
-        lo = np.where(lo < 0, 0, np.where(lo >= src - 1, src - 1, lo))
-    w1 = np.rint(frac * (1 << _COEF_BITS)).astype(np.int32)
-    w0 = np.rint((np.float32(1) - frac) * (1 << _COEF_BITS)).astype(np.int32)
-    return np.clip(lo, 0, src - 1), np.clip(lo + 1, 0, src - 1), w0, w1
-
-
 def resize_bilinear(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a uint8 HW or HWC image to size (h, w) exactly as cv2.resize(INTER_LINEAR) (fixed-point, no antialias)."""
-    if img.dtype != np.uint8:
-        raise TypeError(f"resize_bilinear expects uint8, got {img.dtype}")
+    """cv2.resize(INTER_LINEAR) of a uint8 HW or HWC image to size (h, w), as mmcv.imresize."""
     height, width = int(size[0]), int(size[1])
     if (height, width) == img.shape[:2]:
         return img.copy()
-    src = img.astype(np.int32) if img.ndim == 3 else img.astype(np.int32)[..., None]
-    x0, x1, a0, a1 = _linear_taps(src.shape[1], width, clamp_weights=True)
-    y0, y1, b0, b1 = _linear_taps(src.shape[0], height, clamp_weights=False)
-    rows = src[:, x0] * a0[None, :, None]
-    rows += src[:, x1] * a1[None, :, None]
-    rows >>= 4  # cv2's VResizeLinear<uchar>: ((b0*(S0>>4))>>16 + (b1*(S1>>4))>>16 + 2) >> 2
-    out = rows[y0]
-    out *= b0[:, None, None]
-    out >>= 16
-    lower = rows[y1]
-    lower *= b1[:, None, None]
-    lower >>= 16
-    out += lower
-    out += 2
-    out >>= 2
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    return out if img.ndim == 3 else out[..., 0]
-
-
-def _nearest_taps(src: int, dst: int) -> np.ndarray:
-    """cv2 INTER_NEAREST source indices: min(floor(d * (1 / (dst / src))), src - 1), in float64 as cv2."""
-    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1)
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a label map to size (h, w) exactly as cv2.resize(INTER_NEAREST) (no half-pixel offset)."""
-    rows = _nearest_taps(label.shape[0], int(size[0]))
-    cols = _nearest_taps(label.shape[1], int(size[1]))
-    return label[rows[:, None], cols[None, :]]
+    """cv2.resize(INTER_NEAREST) of a label map to size (h, w), as mmcv.imresize for segmentation maps."""
+    height, width = int(size[0]), int(size[1])
+    if (height, width) == label.shape[:2]:
+        return label.copy()
+    return cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
 def resize_to_multiple(img: np.ndarray, multiple: int = 14) -> np.ndarray:
@@ -130,6 +80,18 @@ def _crop_box(shape: tuple[int, ...], crop: tuple[int, int], rng: np.random.Gene
     return offset_y, offset_x
 
 
+def _accepted(label_crop: np.ndarray, ignore_index: int, cat_max_ratio: float) -> bool:
+    """mmseg's rule: more than one non-ignored class, the largest one under cat_max_ratio of the non-ignored pixels.
+
+    np.unique in mmseg; a bincount gives the same counts without sorting the crop.
+    """
+    counts = np.bincount(label_crop.ravel())
+    if ignore_index < len(counts):
+        counts[ignore_index] = 0
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
 def random_crop_cat_max(
     img: np.ndarray,
     label: np.ndarray,
@@ -142,9 +104,7 @@ def random_crop_cat_max(
     y, x = _crop_box(img.shape, crop, rng)
     if cat_max_ratio < 1.0:
         for _ in range(10):
-            values, counts = np.unique(label[y : y + crop[0], x : x + crop[1]], return_counts=True)
-            counts = counts[values != ignore_index]
-            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            if _accepted(label[y : y + crop[0], x : x + crop[1]], ignore_index, cat_max_ratio):
                 break
             y, x = _crop_box(img.shape, crop, rng)
     return img[y : y + crop[0], x : x + crop[1]], label[y : y + crop[0], x : x + crop[1]]
@@ -153,53 +113,29 @@ def random_crop_cat_max(
 def random_flip(
     img: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
-    """§5.2 step 4: flip image and label left-right together when rng.random() < prob."""
+    """§5.2 step 4: flip image and label left-right together when rng.random() < prob (cv2.flip, as mmcv)."""
     if rng.random() < prob:
-        return img[:, ::-1].copy(), label[:, ::-1].copy()
+        return cv2.flip(img, 1), cv2.flip(label, 1)
     return img, label
 
 
 def bgr_to_hsv(img: np.ndarray) -> np.ndarray:
-    """cv2.cvtColor(COLOR_BGR2HSV) on uint8: H in [0, 180), S and V in [0, 255], with cv2's integer rounding."""
-    b, g, r = (img[..., k].astype(np.int64) for k in range(3))
-    v = np.maximum(np.maximum(b, g), r)
-    diff = v - np.minimum(np.minimum(b, g), r)
-    half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
-    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _HDIV180[diff] + half) >> _HSV_SHIFT
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+    """cv2.cvtColor(COLOR_BGR2HSV) on uint8: H in [0, 180), S and V in [0, 255]."""
+    return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2HSV)
 
 
-def hsv_to_bgr(hsv: np.ndarray, simd_block: int = CV_HSV_SIMD_BLOCK) -> np.ndarray:
-    """cv2.cvtColor(COLOR_HSV2BGR) on a uint8 HWC image (H in [0, 180)), float32 arithmetic as cv2 computes it.
-
-    cv2 converts each row in SIMD blocks of `simd_block` pixels that truncate to uint8, and the row's remaining
-    pixels with scalar code that rounds half-to-even; simd_block=0 gives the scalar rule everywhere.
-    """
-    h = hsv[..., 0].astype(np.float32) * (np.float32(6.0) / np.float32(180.0))
-    s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
-    v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
-    h = np.fmod(h, np.float32(6.0))
-    sector = np.floor(h).astype(np.int64)
-    h = h - sector.astype(np.float32)
-    bad = (sector < 0) | (sector >= 6)
-    sector, h = np.where(bad, 0, sector), np.where(bad, np.float32(0), h)
-    one = np.float32(1.0)
-    # cv2's SIMD path fuses `1 - s*h` into one FMA (single rounding): emulate it with an exact float64 product
-    fused_h = (1.0 - s.astype(np.float64) * h).astype(np.float32)
-    fused_1h = (1.0 - s.astype(np.float64) * (one - h)).astype(np.float32)
-    tab = np.stack([v, v * (one - s), v * fused_h, v * fused_1h], axis=-1)
-    bgr = np.take_along_axis(tab, _SECTORS[sector], axis=-1) * np.float32(255.0)
-    simd = np.arange(hsv.shape[-2]) < (hsv.shape[-2] // simd_block * simd_block if simd_block else 0)
-    bgr = np.where(simd[:, None], np.trunc(bgr), np.rint(bgr))
-    return np.clip(bgr, 0, 255).astype(np.uint8)
+def hsv_to_bgr(hsv: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(COLOR_HSV2BGR) on a uint8 HWC image (H in [0, 180))."""
+    return cv2.cvtColor(np.ascontiguousarray(hsv), cv2.COLOR_HSV2BGR)
 
 
 def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
     """mmseg PhotoMetricDistortion.convert: float32 img * alpha + beta, clipped to [0, 255], truncated to uint8."""
-    return np.clip(img.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
+    out = img.astype(np.float32)
+    out *= np.float32(alpha)
+    out += np.float32(beta)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def _contrast(img: np.ndarray, rng: np.random.Generator, contrast_range: tuple[float, float]) -> np.ndarray:
@@ -216,30 +152,57 @@ def photometric_distortion(
     saturation_range: tuple[float, float] = (0.5, 1.5),
     hue_delta: int = 18,
 ) -> np.ndarray:
-    """§5.2 step 5 on a uint8 RGB image: brightness, contrast if mode 1, saturation, hue, contrast if mode 0."""
+    """§5.2 step 5 on a uint8 BGR image: brightness, contrast if mode 1, saturation, hue, contrast if mode 0."""
     if rng.integers(2):
         img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
     mode = rng.integers(2)
     if mode == 1:
         img = _contrast(img, rng, contrast_range)
-    if rng.integers(2):  # saturation, in OpenCV's HSV of the BGR pixels
-        hsv = bgr_to_hsv(img[..., ::-1])
+    if rng.integers(2):  # saturation
+        hsv = bgr_to_hsv(img)
         hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(saturation_range[0], saturation_range[1]))
-        img = hsv_to_bgr(hsv)[..., ::-1]
+        img = hsv_to_bgr(hsv)
     if rng.integers(2):  # hue: numpy randint(-d, d) excludes d
-        hsv = bgr_to_hsv(img[..., ::-1])
+        hsv = bgr_to_hsv(img)
         hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-hue_delta, hue_delta))) % 180
-        img = hsv_to_bgr(hsv)[..., ::-1]
+        img = hsv_to_bgr(hsv)
     if mode == 0:
         img = _contrast(img, rng, contrast_range)
     return np.ascontiguousarray(img)
 
 
+# ----------------------------------------------------------------------------------------------- normalize, pad
+
+
 def normalize(img: np.ndarray, mean: Sequence[float] = SEG_MEAN, std: Sequence[float] = SEG_STD) -> np.ndarray:
-    """(img - mean) * (1/std) per RGB channel, as mmcv.imnormalize: float32 subtract, multiply in float64."""
+    """(img - mean) * (1/std) per channel of an HWC array, as mmcv.imnormalize: float32 subtract, float64 multiply."""
     mean32 = np.asarray(mean, dtype=np.float32)
     stdinv = 1.0 / np.asarray(std, dtype=np.float32).astype(np.float64)
     return ((img.astype(np.float32) - mean32).astype(np.float64) * stdinv).astype(np.float32)
+
+
+def normalize_images(
+    img_BCHW: torch.Tensor,
+    valid_sizes: torch.Tensor | None = None,
+    mean: Sequence[float] = SEG_MEAN,
+    std: Sequence[float] = SEG_STD,
+) -> torch.Tensor:
+    """`normalize` of uint8 RGB batches on their device (bit-identical: IEEE float32 and float64 are exact everywhere).
+
+    With `valid_sizes` (B, 2) of (h, w), the padding beyond each image is set to 0 afterwards, as mmseg pads the
+    normalised image with 0 (§5.2 step 7).
+    """
+    device = img_BCHW.device
+    mean32 = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    stdinv = (1.0 / torch.tensor(std, dtype=torch.float32).double()).to(device).view(1, -1, 1, 1)
+    out = ((img_BCHW.float() - mean32).double() * stdinv).float()
+    if valid_sizes is not None:
+        rows = torch.arange(out.shape[-2], device=device)
+        cols = torch.arange(out.shape[-1], device=device)
+        sizes = valid_sizes.to(device)
+        inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
+        out = out * inside[:, None]
+    return out
 
 
 def pad_to(
@@ -249,6 +212,8 @@ def pad_to(
     height, width = img.shape[:2]
     if height > size[0] or width > size[1] or label.shape[:2] != (height, width):
         raise ValueError(f"cannot pad image {img.shape[:2]} / label {label.shape[:2]} to {tuple(size)}")
+    if (height, width) == tuple(size):
+        return img, label
     out_img = np.full((size[0], size[1], *img.shape[2:]), img_value, dtype=img.dtype)
     out_img[:height, :width] = img
     out_label = np.full((size[0], size[1]), label_value, dtype=label.dtype)
@@ -256,21 +221,27 @@ def pad_to(
     return out_img, out_label
 
 
-def to_tensors(img: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """HWC image -> float32 CHW tensor, HW label -> int64 tensor."""
-    image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
-    return image, torch.from_numpy(np.ascontiguousarray(label)).long()
+def to_chw_rgb(img_bgr: np.ndarray) -> torch.Tensor:
+    """uint8 BGR HWC -> uint8 RGB CHW tensor (mmseg's to_rgb, a channel flip; no float work)."""
+    return torch.from_numpy(np.ascontiguousarray(img_bgr[..., ::-1].transpose(2, 0, 1)))
+
+
+def label_tensor(label: np.ndarray) -> torch.Tensor:
+    """A label map as a tensor of its own (uint8 / uint16 / int64) dtype; widened to int64 on the device."""
+    label = np.ascontiguousarray(label)
+    return torch.from_numpy(label.astype(np.int32) if label.dtype == np.uint16 else label)
 
 
 # ----------------------------------------------------------------------------------------------- pipelines
 
 
 class TrainPipeline:
-    """§5.2 steps 2-8: ratio resize, cat-max crop, flip, photometric distortion, normalize, pad, to tensors.
+    """§5.2 steps 2-7: ratio resize, cat-max crop, flip, photometric distortion, pad; normalize on the device.
 
-    With `index`, the random draws come from a generator seeded by (seed, epoch, index), so augmentations do not
-    depend on DataLoader workers; call `set_epoch` each epoch (it reaches workers re-created per epoch, not
-    persistent ones). Without `index`, one sequential generator seeded by `seed` is used.
+    Returns (image uint8 RGB CHW, label, (h, w) of the image before padding). With `index`, the random draws come
+    from a generator seeded by (seed, epoch, index), so augmentations do not depend on DataLoader workers; call
+    `set_epoch` each epoch (it reaches workers re-created per epoch, not persistent ones). Without `index`, one
+    sequential generator seeded by `seed` is used.
     """
 
     def __init__(
@@ -281,6 +252,7 @@ class TrainPipeline:
         img_scale: tuple[int, int] = (2016, 504),
         ratio_range: tuple[float, float] = (0.5, 2.0),
         cat_max_ratio: float = 0.75,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         self.crop = (crop, crop)
         self.seed = seed
@@ -288,6 +260,7 @@ class TrainPipeline:
         self.img_scale = img_scale
         self.ratio_range = ratio_range
         self.cat_max_ratio = cat_max_ratio
+        self.ignore_index = ignore_index
         self._rng = np.random.default_rng(seed)
 
     def set_epoch(self, epoch: int) -> None:
@@ -298,17 +271,24 @@ class TrainPipeline:
         """The generator for one sample: per (seed, epoch, index), or the sequential one when index is None."""
         return self._rng if index is None else np.random.default_rng((self.seed, self.epoch, index))
 
-    def __call__(
+    def augment(
         self, img: np.ndarray, label: np.ndarray, index: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment a uint8 HWC RGB image and its reduced label into (float32 CHW, int64 HW) tensors."""
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Steps 2-5 and the padding on a uint8 BGR image: (padded BGR HWC, padded label, valid (h, w))."""
         rng = self.rng_for(index)
         img, label = resize_ratio_range(img, label, rng, self.img_scale, self.ratio_range)
-        img, label = random_crop_cat_max(img, label, rng, self.crop, self.cat_max_ratio)
+        img, label = random_crop_cat_max(img, label, rng, self.crop, self.cat_max_ratio, self.ignore_index)
         img, label = random_flip(img, label, rng)
         img = photometric_distortion(img, rng)
-        img, label = pad_to(normalize(img), label, self.crop)
-        return to_tensors(img, label)
+        size = (int(img.shape[0]), int(img.shape[1]))
+        img, label = pad_to(img, label, self.crop, label_value=self.ignore_index)
+        return img, label, size
+
+    def __call__(
+        self, img: np.ndarray, label: np.ndarray, index: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        img, label, size = self.augment(img, label, index)
+        return to_chw_rgb(img), label_tensor(label), size
 
 
 def setr_resize_to_multiple(
@@ -332,23 +312,45 @@ def resize_keep_ratio_to_multiple(
 
 
 class TestPipeline:
-    """§5.3: resize ('setr' for full-data configs, 'keep_ratio' for few-shot ones), normalize; label kept as is."""
+    """§5.3: resize ('setr' for full-data configs, 'keep_ratio' for few-shot ones) at each scale; label kept as is.
+
+    `scales` are mmseg MultiScaleFlipAug's img_ratios: 'keep_ratio' resizes to (int(L r), int(S r)); 'setr'
+    (SETR_Resize with setr_multi_scale) makes the short side max(int(short r), crop), i.e. ratios below 1 do not
+    shrink the image below the training crop. One scale gives a tensor, several a tuple of tensors (uint8 RGB CHW).
+    """
 
     __test__ = False  # not a pytest class
 
     def __init__(
-        self, mode: str = "setr", *, short: int = 504, scale: tuple[int, int] = (2016, 504), multiple: int = 14
+        self,
+        mode: str = "setr",
+        *,
+        short: int = 504,
+        scale: tuple[int, int] = (2016, 504),
+        multiple: int = 14,
+        scales: Sequence[float] = (1.0,),
+        crop: int | None = None,
     ) -> None:
         if mode not in ("setr", "keep_ratio"):
             raise ValueError(f"unknown test resize mode {mode!r}; use 'setr' or 'keep_ratio'")
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"test scales must be positive, got {list(scales)}")
         self.mode, self.short, self.scale, self.multiple = mode, short, scale, multiple
+        self.scales, self.crop = tuple(float(s) for s in scales), crop
+
+    def resize(self, img: np.ndarray, ratio: float = 1.0) -> np.ndarray:
+        """The test resize of a uint8 image at one ratio (see the class docstring)."""
+        if self.mode == "setr":
+            short = int(self.short * ratio) if ratio != 1.0 else self.short
+            if ratio != 1.0 and self.crop is not None:
+                short = max(short, self.crop)
+            return setr_resize_to_multiple(img, short, self.multiple)[0]
+        scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+        return resize_keep_ratio_to_multiple(img, scale, self.multiple)[0]
 
     def __call__(
         self, img: np.ndarray, label: np.ndarray, index: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Resize and normalize the image (float32 CHW); the label stays at the original size for scoring."""
-        if self.mode == "setr":
-            img, _ = setr_resize_to_multiple(img, self.short, self.multiple)
-        else:
-            img, _ = resize_keep_ratio_to_multiple(img, self.scale, self.multiple)
-        return to_tensors(normalize(img), label)
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+        """Resized uint8 RGB CHW image(s) from a BGR image; the label stays at the original size for scoring."""
+        images = tuple(to_chw_rgb(self.resize(img, ratio)) for ratio in self.scales)
+        return (images[0] if len(images) == 1 else images), label_tensor(label)

@@ -1,4 +1,4 @@
-"""A tiny, learnable ImageNet family written in the real on-disk layouts, for tests, demos and smoke runs."""
+"""A tiny, learnable ImageNet family in the real on-disk layouts (and a custom train/val tree), for tests and demos."""
 
 from __future__ import annotations
 
@@ -128,3 +128,36 @@ def make_mini_imagenet(
             if label in subset_r:
                 _save(_draw(rng, label, size, grey=0.2), paths["r"] / wnids[label] / f"art_{k + 1}.jpg")
     return paths
+
+
+def make_mini_custom(
+    root: str | Path,
+    classes: dict[str, str] | None = None,
+    *,
+    train_per_class: int = 8,
+    val_per_class: int = 4,
+    size: tuple[int, int] = (64, 48),
+    classes_file: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a small learnable custom tree (train/<folder>/*, val/<folder>/*, classes.txt); return its root.
+
+    `classes` maps folder name -> display name ("": none, the line is just the folder); the default has three classes,
+    not in sorted order, one folder name with a space. Images end in .jpg, .JPEG or .jpeg. Class k gets the k-th
+    PALETTE colour, and classes.txt lists the classes in the given order; `classes_file=False` leaves it out (the
+    classes are then the sorted train/ folders).
+    """
+    classes = classes if classes is not None else {"red_thing": "Red thing", "green thing": "Green thing", "blue": ""}
+    if not 2 <= len(classes) <= len(PALETTE):
+        raise InternViTError(f"{len(classes)} classes is out of range", fix=f"use 2..{len(PALETTE)} classes")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    suffixes = (".jpg", ".JPEG", ".jpeg")
+    for label, folder in enumerate(classes):
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            for k in range(count):
+                _save(_draw(rng, label, size), root / split / folder / f"{split}_{k + 1}{suffixes[k % 3]}")
+    if classes_file:
+        lines = [f"{folder}\t{name}" if name else folder for folder, name in classes.items()]
+        (root / "classes.txt").write_text("# folder<TAB>display name\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return root

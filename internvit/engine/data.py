@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterator
 
+import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from internvit.engine.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+MAX_DEFAULT_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a cluster's allocation), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_workers(requested: int | None, local_processes: int = 1) -> int:
+    """Loader processes per training process: the request, capped at this process's share of the cores; by default
+    that share less one core for the process itself (at most 8)."""
+    share = max(1, available_cpus() // max(1, local_processes))
+    if requested is None:
+        return min(MAX_DEFAULT_WORKERS, max(1, share - 1))
+    if requested > share:
+        log.warning("data.num_workers=%d exceeds the %d core(s) of this process: using %d", requested, share, share)
+        return share
+    return requested
+
+
+def init_worker(_worker_id: int) -> None:
+    """DataLoader workers: one OpenCV thread each (the workers are the parallelism; results do not depend on it)."""
+    cv2.setNumThreads(1)
 
 
 class ShardSampler(Sampler[int]):
@@ -47,6 +78,7 @@ def build_eval_loader(
         num_workers=num_workers,
         pin_memory=dist.device.type == "cuda",
         collate_fn=collate_fn,
+        worker_init_fn=init_worker if num_workers else None,
     )
 
 
@@ -93,6 +125,7 @@ class TrainBatches:
             pin_memory=self.dist.device.type == "cuda",
             collate_fn=self.collate_fn,
             generator=generator,
+            worker_init_fn=init_worker if self.num_workers else None,
         )
 
     def epochs(

@@ -146,8 +146,9 @@ def start_run(output_dir: str | os.PathLike, device: str, *, process_group: bool
     return info, run_dir
 
 
-def save_config(config: object, run_dir: Path, dist: DistInfo) -> None:
-    """The resolved config as `run_dir/config.yaml` (rank 0, atomically)."""
+def save_config(config: object, run_dir: Path, dist: DistInfo, name: str = "config.yaml") -> None:
+    """The resolved config as `run_dir/<name>` (rank 0, atomically); evaluations use their own name, so that they
+    never overwrite the config.yaml of a training run in the same folder."""
     if dist.is_main:
-        with atomic_path(run_dir / "config.yaml") as tmp:
+        with atomic_path(run_dir / name) as tmp:
             tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from internvit.data.ade20k import NUM_CLASSES
 from internvit.engine.memory import MemoryPlan, plan_memory
 from internvit.engine.parallelize import optimize_for_inference, resolve_compile
 from internvit.engine.precision import autocast_dtype, resolve_dtype
@@ -54,13 +55,14 @@ def optimize_frozen_backbone(segmentor: Segmentor, cfg: SegBackboneConfig, devic
 def build_segmentor(backbone, backbone_cfg: SegBackboneConfig, head: SegHeadConfig) -> Segmentor:
     """Decode head (linear or UperNet), FPN adapter and auxiliary FCN head around the backbone's taps."""
     dim, taps = backbone.embed_dim, list(backbone_cfg.out_indices)
+    num_classes = head.num_classes if head.num_classes is not None else NUM_CLASSES  # unset: ADE20K's 150
     if head.fpn and len(taps) != 4:
         raise InternViTError(f"the FPN adapter needs four taps, got out_indices={taps}", fix="e.g. [11, 23, 35, 47]")
     if head.kind == "upernet":
-        decode = UPerHead(in_channels=(dim,) * len(taps), channels=head.channels, num_classes=head.num_classes)
+        decode = UPerHead(in_channels=(dim,) * len(taps), channels=head.channels, num_classes=num_classes)
     else:
-        decode = LinearHead(dim, num_classes=head.num_classes)
-    aux = FCNAuxHead(dim, channels=head.channels, num_classes=head.num_classes) if head.aux else None
+        decode = LinearHead(dim, num_classes=num_classes)
+    aux = FCNAuxHead(dim, channels=head.channels, num_classes=num_classes) if head.aux else None
     segmentor = Segmentor(
         backbone,
         decode,

@@ -1,4 +1,4 @@
-"""Typed settings of the ADE20K protocols; defaults are the paper's linear probe (REFERENCE §5.5-5.7)."""
+"""Typed settings of the segmentation protocols; defaults are the paper's ADE20K linear probe (REFERENCE §5.5-5.7)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class SegBackboneConfig(BackboneConfig):
 @dataclass(frozen=True)
 class SegHeadConfig:
     kind: str = "linear"  # linear | upernet
-    num_classes: int = 150
+    num_classes: int | None = None  # default: the dataset's class count (150 for ADE20K)
     fpn: bool = False  # the FPN adapter of the UperNet configs (four taps required)
     channels: int = 1536
     aux: bool = False
@@ -42,11 +42,20 @@ class SegHeadConfig:
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"head.kind must be one of {HEAD_KINDS}, got {self.kind!r}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError("head.num_classes must be >= 1")
 
 
 @dataclass(frozen=True)
 class SegDataConfig:
     root: str = "data/ade/ADEChallengeData2016"
+    # a classes file (one name per line, optionally `name #rrggbb`) selects the generic layout at `root`:
+    # images/<split>/ + annotations/<split>/*.png; empty: ADE20K (ADEChallengeData2016)
+    classes: str = ""
+    reduce_zero_label: bool | None = None  # raw 0 ignored, v -> v-1; default: True for ADE20K, False otherwise
+    ignore_index: int = 255  # label value left out of the loss and the metrics
+    train_split: str = "training"  # folder names under images/ and annotations/
+    val_split: str = "validation"
     crop: int = 504  # the training crop: backbone.img_size, img_scale, test_short, eval.crop and stride follow it
     img_scale: list[int] | None = None  # ratio-range resize (train), keep-ratio (test); default [4 x crop, crop]
     test_short: int | None = None  # SETR test resize: the short side becomes exactly this; default crop
@@ -54,7 +63,7 @@ class SegDataConfig:
     fewshot: int = 0  # k for a 1/k subset of the training images; 0 = all
     fewshot_seed: int = 0
     split_file: str = ""  # reuse a subset written by an earlier run
-    num_workers: int = 4
+    num_workers: int | None = None  # loader processes per training process; default from the CPU count
 
     def __post_init__(self) -> None:
         if self.test_resize not in TEST_RESIZES:
@@ -63,6 +72,12 @@ class SegDataConfig:
             raise ValueError("data.fewshot must be >= 0")
         if self.crop < 1 or self.crop % 14:
             raise ValueError(f"data.crop must be a positive multiple of the patch size 14, got {self.crop}")
+        if not self.classes and self.reduce_zero_label is False:
+            raise ValueError("ADE20K labels are always reduced (raw 0 is 'other'): leave data.reduce_zero_label unset")
+        if not 0 <= self.ignore_index <= 65535:
+            raise ValueError(f"data.ignore_index must be in [0, 65535], got {self.ignore_index}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,14 @@ class SegTrainConfig:
 class SegEvalConfig:
     crop: int | None = None  # sliding-window size; default data.crop
     stride: int | None = None  # default 23/36 of the crop in whole patches: 322 for 504, as the original
+    # test-time augmentation (mmseg's MultiScaleFlipAug): image ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], and
+    # horizontal flips; the softmax is averaged at the original size. The paper's numbers: [1.0], no flip
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"eval.scales must be a non-empty list of positive ratios, got {self.scales}")
 
 
 @dataclass(frozen=True)

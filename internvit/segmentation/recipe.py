@@ -1,4 +1,4 @@
-"""Iteration-based ADE20K training (REFERENCE §5.7) as a recipe for the engine's loop: exact resume mid-epoch.
+"""Iteration-based segmentation training (REFERENCE §5.7) as a recipe for the engine's loop: exact resume mid-epoch.
 
 AdamW with layer decay and the poly schedule are built in run.py; this module supplies the few-shot subset, the
 settings signature, and the step function (seeded per iteration and rank, so dropout and drop path replay on resume).
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from internvit.data.ade20k import ADE20K, make_fewshot_subset, read_split_file, write_split_file
+from internvit.data.seg_transforms import normalize_images
+from internvit.data.segmentation import make_fewshot_subset, read_split_file, write_split_file
 from internvit.engine.checkpoint import ShardedModelState, Stateful
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import DistInfo, seed_everything
@@ -23,22 +24,23 @@ from internvit.engine.parallelize import is_sharded
 from internvit.engine.schedule import StepScheduler
 from internvit.segmentation.checkpoints import trainable_state
 from internvit.segmentation.config import SegBackboneConfig, SegDataConfig, SegHeadConfig, SegTrainConfig
+from internvit.segmentation.data import build_seg_dataset
 from internvit.segmentation.segmentor import Segmentor
 
 log = logging.getLogger(__name__)
 
 
-def training_subset(
-    root: str, *, fewshot: int, fewshot_seed: int, split_file: str, run_dir: Path
-) -> tuple[Path | None, list[str] | None]:
-    """The few-shot split file and its image names: `split_file` reused, or the seeded 1/k subset and the run-folder
-    file it is to be written to (by `write_subset`, once the run is accepted); (None, None) for all images."""
-    if split_file:
-        return Path(split_file), read_split_file(split_file)
+def training_subset(data: SegDataConfig, *, run_dir: Path) -> tuple[Path | None, list[str] | None]:
+    """The few-shot split file and its image names: `data.split_file` reused, or the seeded 1/k subset and the
+    run-folder file it is to be written to (by `write_subset`, once the run is accepted); (None, None) for all."""
+    fewshot, fewshot_seed = data.fewshot, data.fewshot_seed
+    if data.split_file:
+        return Path(data.split_file), read_split_file(data.split_file)
     if fewshot <= 1:
         return None, None
-    names = ADE20K(root, "training").names
-    subset = make_fewshot_subset(names, fewshot, fewshot_seed)
+    dataset = build_seg_dataset(data, data.train_split)
+    names = dataset.names
+    subset = make_fewshot_subset(names, fewshot, fewshot_seed, suffix=dataset.images[0].suffix)
     log.info("few-shot 1/%d: %d of %d training images (seed %d)", fewshot, len(subset), len(names), fewshot_seed)
     return run_dir / f"fewshot_1of{fewshot}_seed{fewshot_seed}.txt", subset
 
@@ -136,7 +138,9 @@ class SegmentationRecipe:
             self.segmentor.backbone.eval()
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        img, label = batch["img"].to(self.dist.device), batch["label"].to(self.dist.device)
+        device = self.dist.device
+        img = normalize_images(batch["img"].to(device, non_blocking=True), batch["valid_size"])
+        label = batch["label"].to(device, non_blocking=True).long()
         losses = self.model(img, label)
         loss = losses.pop("loss")
         return loss, losses, len(img)

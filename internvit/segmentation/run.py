@@ -1,4 +1,4 @@
-"""Entry points of the ADE20K protocols: run_train, run_eval, run_segment (they assemble engine pieces).
+"""Entry points of the segmentation protocols: run_train, run_eval, run_segment (they assemble engine pieces).
 
 Start-up order: everything cheap is checked first (dataset layouts, the few-shot subset, the accumulation, the
 resume settings), `config.yaml` is written once those pass, and only then does the backbone load.
@@ -13,14 +13,14 @@ import logging
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
-from internvit.data import load_image
-from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE, split_hash
-from internvit.data.images import check_image_paths
-from internvit.data.seg_transforms import TestPipeline, TrainPipeline
+from internvit.atomic import atomic_path
+from internvit.data.images import read_image_bgr
+from internvit.data.seg_transforms import TrainPipeline
+from internvit.data.segmentation import IMAGE_SUFFIXES, default_palette, split_hash
 from internvit.engine.checkpoint import ShardedBackend, full_state_dict, open_run
 from internvit.engine.config import config_from_dict
 from internvit.engine.data import TrainBatches
@@ -50,7 +50,14 @@ from internvit.segmentation.build import (
 )
 from internvit.segmentation.checkpoints import load_segmentation_checkpoint, load_segmentor_weights, save_segmentor
 from internvit.segmentation.config import SegmentationConfig
-from internvit.segmentation.evaluate import build_val_set, evaluate_segmentor, result_rows
+from internvit.segmentation.data import (
+    build_seg_dataset,
+    build_val_set,
+    dataset_classes,
+    test_pipeline,
+    with_dataset_classes,
+)
+from internvit.segmentation.evaluate import device_views, evaluate_segmentor, result_rows
 from internvit.segmentation.metrics import PAPER_MIOU
 from internvit.segmentation.recipe import (
     LossForward,
@@ -72,17 +79,26 @@ def _segmentor(cfg: SegmentationConfig, device: torch.device) -> Segmentor:
     torch.manual_seed(cfg.train.seed)
     segmentor = build_segmentor(backbone, cfg.backbone, cfg.head).to(device)
     segmentor.avg_non_ignore = cfg.head.avg_non_ignore
+    segmentor.ignore_index = cfg.data.ignore_index
     if cfg.head.checkpoint:
         load_segmentor_weights(segmentor, cfg.head.checkpoint)
     optimize_frozen_backbone(segmentor, cfg.backbone, device)
     return segmentor
 
 
-def _report(cfg: SegmentationConfig, acc, run_dir: Path, extra: dict) -> list[dict]:
-    rows, per_class = result_rows(acc, setting=cfg.setting, paper=PAPER_MIOU.get(cfg.setting), extra=extra)
-    save_results(rows, run_dir, "eval_results")
-    save_results(per_class, run_dir, "eval_per_class")
+def _report(cfg: SegmentationConfig, acc, out_dir: Path, extra: dict) -> list[dict]:
+    names, _ = dataset_classes(cfg.data)
+    paper = PAPER_MIOU.get(cfg.setting) if not cfg.data.classes else None  # the paper's rows are ADE20K's
+    rows, per_class = result_rows(acc, class_names=names, setting=cfg.setting, paper=paper, extra=extra)
+    save_results(rows, out_dir, "eval_results")
+    save_results(per_class, out_dir, "eval_per_class")
     return rows
+
+
+def _classes_metadata(cfg: SegmentationConfig) -> str:
+    """The dataset's class names and palette, saved with the weights so `segment` needs no dataset."""
+    names, palette = dataset_classes(cfg.data)
+    return json.dumps({"names": names, "palette": [list(c) for c in palette]})
 
 
 def _train_data(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path):
@@ -96,12 +112,10 @@ def _train_data(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path):
         )
     subset = (None, None)
     if dist.is_main:
-        subset = training_subset(
-            d.root, fewshot=d.fewshot, fewshot_seed=d.fewshot_seed, split_file=d.split_file, run_dir=run_dir
-        )
+        subset = training_subset(d, run_dir=run_dir)
     split_file, names = broadcast_object(subset)
-    pipeline = TrainPipeline(d.crop, t.seed, img_scale=tuple(d.img_scale))
-    train_set = ADE20K(d.root, "training", pipeline=pipeline)
+    pipeline = TrainPipeline(d.crop, t.seed, img_scale=tuple(d.img_scale), ignore_index=d.ignore_index)
+    train_set = build_seg_dataset(d, d.train_split, pipeline)
     if names is not None:
         train_set.restrict(names, split_file)
     batches = TrainBatches(
@@ -173,14 +187,17 @@ def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline,
         if sharded:
             broadcast_buffers(segmentor)  # every rank scores with, and exports, rank 0's BatchNorm statistics
         with gathered(segmentor):  # sharded: parameters gathered once, as ranks score different numbers of windows
-            acc = evaluate_segmentor(segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist)
+            acc = _evaluate(cfg, segmentor, val_set, dist)
         return acc.summary()
+
+    classes = _classes_metadata(cfg)
 
     def save(names: list[str], done: int) -> None:
         state = full_state_dict(segmentor, sharded)  # sharded: a collective, gathered into rank 0's host memory
         if dist.is_main:
             for name in names:
-                save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra={"iter": done}, state=state)
+                extra = {"iter": done, "classes": classes}
+                save_segmentor(segmentor, cfg, run_dir / f"{name}.safetensors", extra=extra, state=state)
 
     return SegmentationRecipe(
         segmentor=segmentor,
@@ -201,15 +218,27 @@ def _recipe(cfg: SegmentationConfig, dist: DistInfo, run_dir: Path, *, pipeline,
     )
 
 
+def _evaluate(cfg: SegmentationConfig, segmentor: Segmentor, val_set, dist: DistInfo):
+    return evaluate_segmentor(
+        segmentor,
+        val_set,
+        settings=cfg.eval,
+        num_classes=cfg.head.num_classes,
+        dist=dist,
+        num_workers=cfg.data.num_workers,
+    )
+
+
 def run_train(cfg: SegmentationConfig) -> dict:
     """Train with the paper's recipe (iterations, AdamW + layer decay, poly), evaluating and keeping the best."""
+    cfg = with_dataset_classes(cfg)
     t = cfg.train
     dist, run_dir = start_run(cfg.output_dir, cfg.device, process_group=t.parallel == "fsdp")
     try:
         claim_run_folder(run_dir, dist)
         pipeline, batches, accum, (split_file, names) = _train_data(cfg, dist, run_dir)
         hash_ = split_hash(names) if names is not None else None
-        val_set = build_val_set(cfg.data)
+        val_set = build_val_set(cfg.data, cfg.eval)
         signature = run_signature(
             train=t,
             head=cfg.head,
@@ -245,29 +274,92 @@ def run_train(cfg: SegmentationConfig) -> dict:
 
 
 def run_eval(cfg: SegmentationConfig) -> list[dict]:
-    """Slide-window evaluation on ADE20K val (every image once across ranks): mIoU, mAcc, aAcc, per-class table."""
+    """Slide-window evaluation on the validation split (every image once across ranks): mIoU, mAcc, aAcc, per class.
+
+    The settings go to `output_dir/eval_config.yaml` (a training run's config.yaml in that folder stays as it is)."""
+    cfg = with_dataset_classes(cfg)
     dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
-        val_set = build_val_set(cfg.data)
-        save_config(cfg, run_dir, dist)
+        val_set = build_val_set(cfg.data, cfg.eval)
+        save_config(cfg, run_dir, dist, name="eval_config.yaml")
         segmentor = _segmentor(cfg, dist.device)
-        acc = evaluate_segmentor(segmentor, val_set, settings=cfg.eval, num_classes=cfg.head.num_classes, dist=dist)
-        return _report(cfg, acc, run_dir, {"checkpoint": cfg.head.checkpoint}) if dist.is_main else []
+        acc = _evaluate(cfg, segmentor, val_set, dist)
+        extra = {"checkpoint": cfg.head.checkpoint, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip}
+        return _report(cfg, acc, run_dir, extra) if dist.is_main else []
     finally:
         cleanup_distributed()
 
 
-def colorize(pred: np.ndarray) -> np.ndarray:
-    palette = np.asarray(ADE20K_PALETTE, dtype=np.uint8)
-    return palette[pred % len(palette)]
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Image files from files and folders (a folder: its images, recursively, sorted), each once."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise InternViTError(f"no images in folder {path}", fix=f"use a folder of {', '.join(IMAGE_SUFFIXES)}")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise InternViTError(f"no such image file or folder: {path}", fix="check the path")
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    return [Path(p) for p in unique]
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """One output name per input: the file stem, numbered (`name-2`, ...) where several inputs share it."""
+    counts: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        counts[path.stem] = counts.get(path.stem, 0) + 1
+        stems.append(path.stem if counts[path.stem] == 1 else f"{path.stem}-{counts[path.stem]}")
+    return stems
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """A (BGR or single-channel) PNG, written atomically."""
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise InternViTError(f"cannot encode {path} as PNG", fix="report this: the array is not an image")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())
+
+
+def legend_image(rows: list[dict], palette: np.ndarray, width: int = 360, row_height: int = 22) -> np.ndarray:
+    """A BGR legend: one row per class present (colour swatch, name, share of the pixels), largest first."""
+    legend = np.full((row_height * max(1, len(rows)) + 8, width, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        top = 4 + i * row_height
+        colour = tuple(int(c) for c in palette[row["index"]][::-1])
+        cv2.rectangle(legend, (6, top + 3), (26, top + row_height - 3), colour, thickness=-1)
+        cv2.rectangle(legend, (6, top + 3), (26, top + row_height - 3), (0, 0, 0), thickness=1)
+        text = f"{row['class']}  {100 * row['share']:.1f}%"
+        cv2.putText(legend, text, (34, top + row_height - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return legend
+
+
+def _segment_classes(cfg: SegmentationConfig, metadata: dict) -> tuple[list[str], np.ndarray]:
+    """Class names and RGB palette for `segment`: saved with the weights, else the settings' dataset, else numbers."""
+    if "classes" in metadata:
+        saved = json.loads(metadata["classes"])
+        names, palette = saved["names"], saved["palette"]
+    elif not cfg.data.classes or Path(cfg.data.classes).is_file():
+        names, palette = dataset_classes(cfg.data)
+    else:
+        names, palette = [str(i) for i in range(cfg.head.num_classes)], default_palette(cfg.head.num_classes)
+    return list(names), np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
 
 
 @torch.no_grad()
 def run_segment(
     images: list[str], *, checkpoint: str, backbone: str | None = None, out_dir: str = "segment", device: str = "auto"
 ) -> list[dict]:
-    """Colour mask PNG, overlay PNG and the classes present (pixel share) for each image, from a saved segmentor."""
-    check_image_paths(images)
+    """For each image (files or folders): colour mask, overlay, label-index PNG (class id per pixel), legend PNG and
+    the classes present with their pixel share, from a saved segmentor. Unreadable images are reported in the
+    results (`error`) and the others still processed."""
+    paths = expand_inputs(images)
     _, report = load_segmentation_checkpoint(checkpoint)
     if "config" not in report.metadata:
         raise InternViTError(
@@ -277,46 +369,44 @@ def run_segment(
     dev = resolve_device(device)
     compile = cfg.backbone.compile
     if compile is None:  # compiling pays back its cost only over many images
-        compile = dev.type == "cuda" and len(images) >= COMPILE_MIN_IMAGES
+        compile = dev.type == "cuda" and len(paths) >= COMPILE_MIN_IMAGES
     backbone_cfg = dataclasses.replace(cfg.backbone, checkpoint=backbone or cfg.backbone.checkpoint, compile=compile)
     cfg = dataclasses.replace(cfg, backbone=backbone_cfg, head=dataclasses.replace(cfg.head, checkpoint=checkpoint))
+    names, palette = _segment_classes(cfg, report.metadata)
     segmentor = _segmentor(cfg, dev)
     segmentor.eval()
-    pipeline = TestPipeline(cfg.data.test_resize, short=cfg.data.test_short, scale=tuple(cfg.data.img_scale))
-    names = ADE20K_CLASS_NAMES if cfg.head.num_classes == len(ADE20K_CLASS_NAMES) else None
+    pipeline = test_pipeline(cfg.data, cfg.eval)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in images:
-        rgb = np.asarray(load_image(path))
-        img, _ = pipeline(rgb, np.zeros(rgb.shape[:2], dtype=np.int64))
-        pred = (
-            predict(
-                segmentor,
-                img.unsqueeze(0).to(dev),
-                rgb.shape[:2],
-                num_classes=cfg.head.num_classes,
-                crop=cfg.eval.crop,
-                stride=cfg.eval.stride,
-            )
-            .cpu()
-            .numpy()
+    for path, stem in zip(paths, output_stems(paths), strict=True):
+        try:
+            bgr = read_image_bgr(path)  # EXIF orientation applied, as mmcv's loader
+        except InternViTError as e:
+            log.error("%s", e.message)
+            results.append({"image": str(path), "error": e.message})
+            continue
+        views, _ = pipeline(bgr, np.zeros(bgr.shape[:2], dtype=np.uint8))
+        pred = predict(
+            segmentor,
+            device_views(views, dev),
+            bgr.shape[:2],
+            num_classes=cfg.head.num_classes,
+            crop=cfg.eval.crop,
+            stride=cfg.eval.stride,
+            flip=cfg.eval.flip,
         )
-        mask = colorize(pred)
-        stem = Path(path).stem
-        Image.fromarray(mask).save(out / f"{stem}_mask.png")
-        Image.fromarray((0.5 * rgb + 0.5 * mask).astype(np.uint8)).save(out / f"{stem}_overlay.png")
+        pred = pred.cpu().numpy()
         ids, counts = np.unique(pred, return_counts=True)
-        present = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda t: -t[1])
-        results.append(
-            {
-                "image": str(path),
-                "mask": str(out / f"{stem}_mask.png"),
-                "overlay": str(out / f"{stem}_overlay.png"),
-                "classes": [
-                    {"class": names[i] if names else str(i), "index": i, "share": round(c / pred.size, 4)}
-                    for i, c in present
-                ],
-            }
-        )
+        present = [
+            {"class": names[i], "index": int(i), "share": round(c / pred.size, 4), "colour": palette[i].tolist()}
+            for i, c in sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda t: -t[1])
+        ]
+        mask_rgb = palette[pred]
+        files = {kind: out / f"{stem}_{kind}.png" for kind in ("mask", "overlay", "labels", "legend")}
+        _write_png(files["mask"], mask_rgb[..., ::-1])
+        _write_png(files["overlay"], (0.5 * bgr + 0.5 * mask_rgb[..., ::-1]).astype(np.uint8))
+        _write_png(files["labels"], pred.astype(np.uint8 if cfg.head.num_classes <= 256 else np.uint16))
+        _write_png(files["legend"], legend_image(present, palette))
+        results.append({"image": str(path), **{k: str(v) for k, v in files.items()}, "classes": present})
     return results

@@ -63,6 +63,7 @@ class Segmentor(nn.Module):
         self.aux_index = aux_index
         self.aux_weight = aux_weight
         self.avg_non_ignore = False  # mmseg's default loss normalisation (REFERENCE §5.6); True = mean over valid
+        self.ignore_index = IGNORE_INDEX  # the label value left out of the loss and the pixel accuracy
         self.backbone_autocast: torch.dtype | None = None  # set for a fine-tuned fp32 backbone run in bf16
 
     def extract_features(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
@@ -90,16 +91,22 @@ class Segmentor(nn.Module):
         maps = self.extract_features(x_BCHW)
         logits = self.decode_head(maps)
         logits = F.interpolate(logits.float(), size=label_BHW.shape[-2:], mode="bilinear", align_corners=False)
-        decode = seg_cross_entropy(logits, label_BHW, avg_non_ignore=self.avg_non_ignore)
+        label_BHW = label_BHW.long()
+        decode = seg_cross_entropy(
+            logits, label_BHW, ignore_index=self.ignore_index, avg_non_ignore=self.avg_non_ignore
+        )
         out = {"loss": decode, "decode": decode}
         if self.auxiliary_head is not None:
             aux = seg_cross_entropy(
-                self.auxiliary_head(maps[self.aux_index]), label_BHW, avg_non_ignore=self.avg_non_ignore
+                self.auxiliary_head(maps[self.aux_index]),
+                label_BHW,
+                ignore_index=self.ignore_index,
+                avg_non_ignore=self.avg_non_ignore,
             )
             out["aux"] = aux
             out["loss"] = decode + self.aux_weight * aux
         with torch.no_grad():
-            valid = label_BHW != IGNORE_INDEX
+            valid = label_BHW != self.ignore_index
             hits = (logits.argmax(1) == label_BHW) & valid
             out["acc_seg"] = 100.0 * hits.sum() / valid.sum().clamp_min(1)
         return out
@@ -170,20 +177,37 @@ def slide_inference(
 @torch.no_grad()
 def predict(
     segmentor: Callable[[torch.Tensor], torch.Tensor],
-    img: torch.Tensor,
+    img: torch.Tensor | Sequence[torch.Tensor],
     ori_size: Sequence[int],
     *,
     num_classes: int,
     crop: int | Sequence[int] = CROP,
     stride: int | Sequence[int] = STRIDE,
+    flip: bool = False,
 ) -> torch.Tensor:
-    """Class map (H0, W0) int64 for one test image: slide -> bilinear resize to ori_size -> softmax -> argmax."""
-    if img.ndim == 3:
-        img = img.unsqueeze(0)
-    if img.ndim != 4 or img.shape[0] != 1:
-        raise ValueError(f"predict takes one image, (C, H, W) or (1, C, H, W), got {tuple(img.shape)}")
+    """Class map (H0, W0) int64 for one test image: slide -> bilinear resize to ori_size -> softmax -> argmax.
+
+    `img` is one normalised image, or one per test scale (mmseg's aug_test): each scale, and its horizontal flip
+    with `flip`, gives a softmax at the original size (a flipped one flipped back); their sum, divided by the number
+    of views, is arg-maxed. One view without flip is mmseg's simple_test.
+    """
+    images = [img] if isinstance(img, torch.Tensor) else list(img)
+    if not images:
+        raise ValueError("predict needs at least one image")
     h0, w0 = _pair(tuple(ori_size), "ori_size")
-    logits = slide_inference(segmentor, img, num_classes=num_classes, crop=crop, stride=stride)
-    logits = F.interpolate(logits, size=(h0, w0), mode="bilinear", align_corners=False)
-    # softmax cannot change the arg-max except where rounding makes probabilities tie; kept for exact mmseg parity
-    return logits.softmax(dim=1)[0].argmax(dim=0)
+    probs = None
+    for image in images:
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"predict takes one image, (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
+        for flipped in (False, True) if flip else (False,):
+            view = image.flip(-1) if flipped else image
+            logits = slide_inference(segmentor, view, num_classes=num_classes, crop=crop, stride=stride)
+            logits = F.interpolate(logits, size=(h0, w0), mode="bilinear", align_corners=False)
+            # softmax can change the arg-max of one view only where rounding ties; kept for exact mmseg parity
+            view_probs = logits.softmax(dim=1)
+            view_probs = view_probs.flip(-1) if flipped else view_probs
+            probs = view_probs if probs is None else probs + view_probs
+    probs = probs / (len(images) * (2 if flip else 1))
+    return probs[0].argmax(dim=0)
