@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -126,17 +127,32 @@ def cmd_cls_eval(args: argparse.Namespace) -> None:
     print(format_table(rows))
 
 
+def _failed_inputs(results: list[dict], what: str) -> None:
+    """After every readable input was processed: stop with an error listing the unreadable ones (exit status 2)."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        listed = "; ".join(r["error"] for r in failed[:3]) + (" ..." if len(failed) > 3 else "")
+        raise InternViTError(
+            f"{len(failed)} of {len(results)} image(s) could not be {what}: {listed}",
+            fix="replace or remove the unreadable files (the results of the others are above)",
+        )
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
     results = run_classify(
         args.images, backbone=args.backbone, head=args.head, preset=args.preset, topk=args.topk, device=args.device
     )
     if args.json:
         print(json.dumps(results, indent=2))
-        return
-    for result in results:
-        print(result["image"])
-        for rank, top in enumerate(result["top"], 1):
-            print(f"  {rank}. {top['class']:<40} {100 * top['prob']:6.2f}%")
+    else:
+        for result in results:
+            if "error" in result:
+                print(f"{result['image']}: unreadable ({result['error']})")
+                continue
+            print(result["image"])
+            for rank, top in enumerate(result["top"], 1):
+                print(f"  {rank}. {top['class']:<40} {100 * top['prob']:6.2f}%")
+    _failed_inputs(results, "classified")
 
 
 def _segmentation_config(args: argparse.Namespace):
@@ -159,11 +175,16 @@ def cmd_segment(args: argparse.Namespace) -> None:
     )
     if args.json:
         print(json.dumps(results, indent=2))
-        return
-    for result in results:
-        print(f"{result['image']}: {result['mask']}, {result['overlay']}")
-        for item in result["classes"][: args.top]:
-            print(f"  {item['class']:<24} {100 * item['share']:6.2f}%")
+    else:
+        for result in results:
+            if "error" in result:
+                print(f"{result['image']}: unreadable ({result['error']})")
+                continue
+            print(f"{result['image']}: {result['mask']}, {result['overlay']}, {result['labels']}, {result['legend']}")
+            for item in result["classes"][: args.top]:
+                print(f"  {item['class']:<24} {100 * item['share']:6.2f}%")
+        print(f"results: {Path(args.out) / 'segment_results.json'}")
+    _failed_inputs(results, "segmented")
 
 
 def cmd_seg_export(args: argparse.Namespace) -> None:
@@ -249,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("segment", help="colour mask, overlay and classes present, from a trained segmentor")
-    p.add_argument("images", nargs="+", help="image files")
+    p = sub.add_parser(
+        "segment", help="colour mask, overlay, label-index PNG, legend and classes present, from a trained segmentor"
+    )
+    p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--checkpoint", required=True, help="a run's best.safetensors (carries its settings)")
     p.add_argument("--backbone", help="backbone checkpoint when the run kept it frozen (default: the run's)")
     p.add_argument("--out", default="segment", help="folder for the PNGs (default: ./segment)")
@@ -260,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("classify", help="top-5 classes of images, from a backbone and a trained head")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--backbone", required=True, help="backbone checkpoint: file, folder, tag or hub id")
     p.add_argument("--head", required=True, help="head file (a run's head.safetensors, or the released head .pth)")
     p.add_argument("--preset", help="backbone preset (default: detected)")

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from internvit.classification.checkpoints import read_head_file
 from internvit.cli import main
+from internvit.data.images import load_image
 from internvit.demo import classification_overrides, make_demo_checkpoint
 from internvit.demo.imagenet import make_mini_custom, make_mini_imagenet
 from internvit.engine.schedule import cosine_lr
@@ -254,6 +256,32 @@ def test_custom_tree_trains_evaluates_and_classifies_with_its_class_names(custom
     assert sorted(t["class"] for t in top) == sorted(CUSTOM_NAMES)  # top-5 of 3 classes: all three
     assert main(["classify", str(image), "--backbone", str(checkpoint), "--head", str(head)]) == 0
     assert "1. Green thing" in capsys.readouterr().out
+
+
+def test_classify_folders_exif_and_unreadable_inputs(custom_run, tmp_path, capsys):
+    """A folder is every image in it; an EXIF-rotated picture is classified upright; an unreadable file is
+    reported while the others are still classified, and the exit status says so."""
+    tree, checkpoint, run = custom_run
+    head = run / "head.safetensors"
+    source = Image.open(sorted((tree / "val" / "green thing").iterdir())[0]).convert("RGB")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source.save(folder / "plain.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees to view
+    source.transpose(Image.Transpose.ROTATE_270).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    code = main(["classify", str(folder), "--backbone", str(checkpoint), "--head", str(head), "--json"])
+    captured = capsys.readouterr()
+    results = {Path(r["image"]).name: r for r in json.loads(captured.out)}
+    assert code == 2 and "1 of 3 image(s) could not be classified" in captured.err
+    assert "cannot decode image" in results["broken.jpg"]["error"]
+    assert results["plain.png"]["top"][0]["class"] == "Green thing"
+    plain = {t["class"]: t["prob"] for t in results["plain.png"]["top"]}
+    rotated = {t["class"]: t["prob"] for t in results["rotated.jpg"]["top"]}
+    assert rotated["Green thing"] == pytest.approx(plain["Green thing"], abs=0.05)  # upright again, JPEG aside
+    assert load_image(folder / "rotated.jpg", exif=True).size == source.size  # classify's decoding: upright
+    assert load_image(folder / "rotated.jpg").size == source.size[::-1]  # the protocols' datasets: as stored
 
 
 def test_custom_tree_mistakes_are_clear_errors(custom_run, tmp_path, capsys):

@@ -22,7 +22,7 @@ from internvit.data import build_eval_transform, build_train_transform, load_ima
 from internvit.data.custom import CustomSplit
 from internvit.data.imagenet import ImageClassificationDataset, build_dataset, collate_skip_none
 from internvit.data.imagenet_meta import few
-from internvit.data.images import check_image_paths
+from internvit.data.images import expand_image_inputs
 from internvit.engine.checkpoint import open_run
 from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import (
@@ -291,14 +291,17 @@ def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
 def run_classify(
     images: list[str], *, backbone: str, head: str, preset: str | None = None, topk: int = 5, device: str = "auto"
 ) -> list[dict[str, object]]:
-    """Top-k class names with probabilities for each image, from a backbone and a saved head."""
-    check_image_paths(images)
+    """Top-k class names with probabilities for each image (files or folders), from a backbone and a saved head.
+
+    Images are shown upright (EXIF orientation applied); an unreadable one is reported in its result (`error`) and
+    the others still classified."""
+    paths = expand_image_inputs(images)
     dev = resolve_device(device)
     head_info = read_head_file(head)
     img_size = int(head_info.metadata.get("img_size", 224))
     precision = "bf16" if dev.type == "cuda" else "fp32"  # the protocol's eval numerics on GPUs; fp32 on the CPU
     # compiling pays back its cost only over many images
-    compile = dev.type == "cuda" and len(images) >= COMPILE_MIN_IMAGES
+    compile = dev.type == "cuda" and len(paths) >= COMPILE_MIN_IMAGES
     model, _ = build_backbone(
         backbone, preset=preset, img_size=img_size, device=dev, precision=precision, compile=compile
     )
@@ -310,8 +313,14 @@ def run_classify(
     transform = build_eval_transform(img_size)
     names = head_info.class_names
     results = []
-    for path in images:
-        x = transform(load_image(path)).unsqueeze(0).to(dev)
+    for path in paths:
+        try:
+            image = load_image(path, exif=True)
+        except InternViTError as e:
+            log.error("%s", e.message)
+            results.append({"image": str(path), "error": e.message})
+            continue
+        x = transform(image).unsqueeze(0).to(dev)
         with autocast(dev, precision):
             probs = probe(model.forward_features(x)).float().softmax(-1)[0]
         values, idx = probs.topk(min(topk, probs.numel()))

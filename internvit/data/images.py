@@ -10,6 +10,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from internvit.errors import InternViTError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 
 def load_image(path: str | Path, *, exif: bool = False) -> Image.Image:
     """Open and fully decode an image as RGB (decoding now, so a truncated file fails here, naming the file).
@@ -41,9 +43,29 @@ def read_image_bgr(path: str | Path) -> np.ndarray:
     return image
 
 
-def check_image_paths(paths: list[str]) -> None:
-    """Every input image exists (checked before any model loads); the error lists the missing ones."""
-    missing = [str(p) for p in paths if not Path(p).is_file()]
+def expand_image_inputs(inputs: list[str]) -> list[Path]:
+    """Image files from files and folders (a folder: its images, recursively, sorted), each file once, checked
+    before any model loads: the error lists every missing path."""
+    paths: list[Path] = []
+    missing: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise InternViTError(f"no images in folder {path}", fix=f"use a folder of {', '.join(IMAGE_SUFFIXES)}")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            missing.append(str(path))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise InternViTError(f"no such image file: {', '.join(missing[:5])}{more}", fix="check the paths")
+        raise InternViTError(f"no such image file or folder: {', '.join(missing[:5])}{more}", fix="check the paths")
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    return unique

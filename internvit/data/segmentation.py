@@ -30,11 +30,10 @@ from torch.utils.data import Dataset
 
 from internvit.atomic import atomic_path
 from internvit.data.imagenet_meta import few
-from internvit.data.images import read_image_bgr
+from internvit.data.images import IMAGE_SUFFIXES, read_image_bgr
 from internvit.data.seg_transforms import IGNORE_INDEX, label_tensor, to_chw_rgb
 from internvit.errors import InternViTError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CLASSES_FILE = "classes.txt"
 SegPipeline = Callable[[np.ndarray, np.ndarray, int], tuple[Any, ...]]
 _COLOUR = re.compile(r"^(?P<name>.*?)\s+#(?P<hex>[0-9a-fA-F]{6})$")

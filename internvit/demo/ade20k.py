@@ -80,3 +80,37 @@ def make_mini_ade20k(
             )
             Image.fromarray(label).save(folder / "annotations" / split / f"{name}.png")
     return folder
+
+
+MINI_FOLDER_CLASSES = ("background", "red thing", "green thing", "blue thing", "yellow thing")
+
+
+def make_mini_segfolder(
+    root: str | Path,
+    *,
+    num_train: int = 16,
+    num_val: int = 4,
+    size: tuple[int, int] = (84, 70),
+    seed: int = 0,
+) -> Path:
+    """A small learnable dataset in the generic segmentation layout: 5 classes, labels 0..4 as they are (no
+    reduce_zero_label), a corner of ignored (255) pixels, PNG images, and a classes.txt with a palette.
+
+    images/{train,val}/img_%03d.png, annotations/{train,val}/img_%03d.png; returns `root`.
+    """
+    folder = Path(root)
+    rng = np.random.default_rng(seed)
+    colours = [OTHER_COLOUR, *CLASS_COLOURS]
+    lines = [f"{name} #{r:02x}{g:02x}{b:02x}" for name, (r, g, b) in zip(MINI_FOLDER_CLASSES, colours, strict=True)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("# name #rrggbb, in class-index order\n" + "\n".join(lines) + "\n")
+    for split, count in (("train", num_train), ("val", num_val)):
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        (folder / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for n in range(count):
+            label = _draw_label(rng, size, [1, 2, 3, 4])  # raw 0 (the grey strip) is class 0, "background"
+            image = _paint(rng, label, [1, 2, 3, 4])
+            label[:3, :3] = 255  # ignored
+            image.save(folder / "images" / split / f"img_{n:03d}.png")
+            Image.fromarray(label).save(folder / "annotations" / split / f"img_{n:03d}.png")
+    return folder

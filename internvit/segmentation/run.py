@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import torch
 
-from internvit.atomic import atomic_path
-from internvit.data.images import read_image_bgr
+from internvit.atomic import atomic_path, write_json
+from internvit.data.images import expand_image_inputs, read_image_bgr
 from internvit.data.seg_transforms import TrainPipeline
-from internvit.data.segmentation import IMAGE_SUFFIXES, default_palette, split_hash
+from internvit.data.segmentation import default_palette, split_hash
 from internvit.engine.checkpoint import ShardedBackend, full_state_dict, open_run
 from internvit.engine.config import config_from_dict
 from internvit.engine.data import TrainBatches
@@ -290,24 +290,6 @@ def run_eval(cfg: SegmentationConfig) -> list[dict]:
         cleanup_distributed()
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Image files from files and folders (a folder: its images, recursively, sorted), each once."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                raise InternViTError(f"no images in folder {path}", fix=f"use a folder of {', '.join(IMAGE_SUFFIXES)}")
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise InternViTError(f"no such image file or folder: {path}", fix="check the path")
-    unique = list(dict.fromkeys(p.resolve() for p in paths))
-    return [Path(p) for p in unique]
-
-
 def output_stems(paths: list[Path]) -> list[str]:
     """One output name per input: the file stem, numbered (`name-2`, ...) where several inputs share it."""
     counts: dict[str, int] = {}
@@ -359,7 +341,7 @@ def run_segment(
     """For each image (files or folders): colour mask, overlay, label-index PNG (class id per pixel), legend PNG and
     the classes present with their pixel share, from a saved segmentor. Unreadable images are reported in the
     results (`error`) and the others still processed."""
-    paths = expand_inputs(images)
+    paths = expand_image_inputs(images)
     _, report = load_segmentation_checkpoint(checkpoint)
     if "config" not in report.metadata:
         raise InternViTError(
@@ -409,4 +391,5 @@ def run_segment(
         _write_png(files["labels"], pred.astype(np.uint8 if cfg.head.num_classes <= 256 else np.uint16))
         _write_png(files["legend"], legend_image(present, palette))
         results.append({"image": str(path), **{k: str(v) for k, v in files.items()}, "classes": present})
+    write_json(out / "segment_results.json", results)
     return results

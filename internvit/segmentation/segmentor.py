@@ -175,7 +175,7 @@ def slide_inference(
 
 
 @torch.no_grad()
-def predict(
+def predict_probs(
     segmentor: Callable[[torch.Tensor], torch.Tensor],
     img: torch.Tensor | Sequence[torch.Tensor],
     ori_size: Sequence[int],
@@ -185,11 +185,11 @@ def predict(
     stride: int | Sequence[int] = STRIDE,
     flip: bool = False,
 ) -> torch.Tensor:
-    """Class map (H0, W0) int64 for one test image: slide -> bilinear resize to ori_size -> softmax -> argmax.
+    """Class probabilities (1, K, H0, W0) for one test image, averaged over its test views (mmseg's aug_test).
 
-    `img` is one normalised image, or one per test scale (mmseg's aug_test): each scale, and its horizontal flip
-    with `flip`, gives a softmax at the original size (a flipped one flipped back); their sum, divided by the number
-    of views, is arg-maxed. One view without flip is mmseg's simple_test.
+    `img` is one normalised image, or one per test scale: each scale, and its horizontal flip with `flip`, gives
+    slide logits bilinearly resized to ori_size and a softmax (a flipped view's flipped back); the sum is divided by
+    the number of views. One view without flip is mmseg's simple_test.
     """
     images = [img] if isinstance(img, torch.Tensor) else list(img)
     if not images:
@@ -205,9 +205,26 @@ def predict(
             view = image.flip(-1) if flipped else image
             logits = slide_inference(segmentor, view, num_classes=num_classes, crop=crop, stride=stride)
             logits = F.interpolate(logits, size=(h0, w0), mode="bilinear", align_corners=False)
-            # softmax can change the arg-max of one view only where rounding ties; kept for exact mmseg parity
             view_probs = logits.softmax(dim=1)
             view_probs = view_probs.flip(-1) if flipped else view_probs
             probs = view_probs if probs is None else probs + view_probs
-    probs = probs / (len(images) * (2 if flip else 1))
+    return probs / (len(images) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def predict(
+    segmentor: Callable[[torch.Tensor], torch.Tensor],
+    img: torch.Tensor | Sequence[torch.Tensor],
+    ori_size: Sequence[int],
+    *,
+    num_classes: int,
+    crop: int | Sequence[int] = CROP,
+    stride: int | Sequence[int] = STRIDE,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Class map (H0, W0) int64 for one test image: the arg-max of `predict_probs`.
+
+    The softmax can change the arg-max of a single view only where rounding ties; kept for exact mmseg parity.
+    """
+    probs = predict_probs(segmentor, img, ori_size, num_classes=num_classes, crop=crop, stride=stride, flip=flip)
     return probs[0].argmax(dim=0)
