@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import TINY_6B, randomize_
 
+import internvit.engine.data as engine_data
 from internvit.classification import run as cls_run
 from internvit.classification.config import ClassificationConfig
 from internvit.cli import main
@@ -242,3 +243,15 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     err = capsys.readouterr().err
     assert "training diverged at step" in err and "keeps the last good checkpoint" in err
     assert not (run / "head.safetensors").exists()
+
+
+def test_loader_workers_follow_the_cpu_count(monkeypatch, caplog):
+    monkeypatch.setattr(engine_data, "available_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert engine_data.resolve_num_workers(None) == 8  # capped default
+    assert engine_data.resolve_num_workers(None, local_processes=4) == 3  # 4 cores each, one for the process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert engine_data.resolve_num_workers(None) == 1 and engine_data.resolve_num_workers(0) == 0
+    assert engine_data.resolve_num_workers(5) == 2 and "exceeds the 2 core(s)" in caplog.text  # never above the share
+    monkeypatch.setattr(engine_data, "available_cpus", lambda: 1)
+    assert engine_data.resolve_num_workers(None, local_processes=1) == 1

@@ -35,7 +35,7 @@ class DataConfig:
     imagenet_a: str = "data/imagenet-a"
     imagenet_r: str = "data/imagenet-r"
     imagenet_sketch: str = "data/imagenet-sketch"
-    num_workers: int = 8
+    num_workers: int | None = None  # loader processes per training process; default from the CPU count
     skip_corrupt: bool = False  # skip undecodable images (counted in the results) instead of stopping
     # A custom dataset instead of ImageNet: the root of a train/<class>/* + val/<class>/* image tree. When set,
     # `cls train` trains on its train/ and validates on its val/, and `cls eval` scores its val/ (set "custom")
@@ -48,6 +48,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.custom_classes and not self.custom:
             raise ValueError("data.custom_classes is set but data.custom is not: set data.custom to the dataset root")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)

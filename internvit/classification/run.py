@@ -24,7 +24,7 @@ from internvit.data.imagenet import ImageClassificationDataset, build_dataset, c
 from internvit.data.imagenet_meta import few
 from internvit.data.images import expand_image_inputs
 from internvit.engine.checkpoint import open_run
-from internvit.engine.data import TrainBatches
+from internvit.engine.data import TrainBatches, resolve_num_workers
 from internvit.engine.distributed import (
     DistInfo,
     cleanup_distributed,
@@ -109,7 +109,7 @@ def _train_data(cfg: ClassificationConfig, dist: DistInfo) -> TrainData:
         batch_size=t.batch_size,
         dist=dist,
         seed=t.seed,
-        num_workers=cfg.data.num_workers,
+        num_workers=resolve_num_workers(cfg.data.num_workers),
         collate_fn=collate_skip_none if cfg.data.skip_corrupt else None,
     )
     steps_per_epoch = batches.per_epoch // accum
@@ -184,7 +184,7 @@ def _recipe(cfg: ClassificationConfig, data: TrainData, dist: DistInfo) -> tuple
         dist=dist,
         batch_size=cfg.eval.batch_size,
         precision=cfg.backbone.precision,
-        num_workers=cfg.data.num_workers,
+        num_workers=resolve_num_workers(cfg.data.num_workers),
         skip_corrupt=cfg.data.skip_corrupt,
     )
     recipe = ProbeRecipe(
@@ -273,7 +273,7 @@ def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
             dist=dist,
             batch_size=cfg.eval.batch_size,
             precision=cfg.backbone.precision,
-            num_workers=cfg.data.num_workers,
+            num_workers=resolve_num_workers(cfg.data.num_workers),
             skip_corrupt=cfg.data.skip_corrupt,
             per_class=per_class,
         )

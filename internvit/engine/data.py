@@ -24,10 +24,11 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_num_workers(requested: int | None, local_processes: int = 1) -> int:
-    """Loader processes per training process: the request, capped at this process's share of the cores; by default
-    that share less one core for the process itself (at most 8)."""
-    share = max(1, available_cpus() // max(1, local_processes))
+def resolve_num_workers(requested: int | None, local_processes: int | None = None) -> int:
+    """Loader processes per training process: the request, capped at this process's share of the cores (the node's
+    cores over LOCAL_WORLD_SIZE processes by default); unset: that share less one core for the process (at most 8)."""
+    local = local_processes if local_processes is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = max(1, available_cpus() // max(1, local))
     if requested is None:
         return min(MAX_DEFAULT_WORKERS, max(1, share - 1))
     if requested > share:

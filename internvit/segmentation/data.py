@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from internvit.data.ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE
 from internvit.data.seg_transforms import TestPipeline
@@ -64,6 +63,5 @@ def with_dataset_classes(cfg: SegmentationConfig) -> SegmentationConfig:
             f"head.num_classes={cfg.head.num_classes} but the dataset ({source}) has {len(names)} classes",
             fix=f"leave head.num_classes unset (it follows the dataset) or set it to {len(names)}",
         )
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    data = dataclasses.replace(cfg.data, num_workers=resolve_num_workers(cfg.data.num_workers, local))
+    data = dataclasses.replace(cfg.data, num_workers=resolve_num_workers(cfg.data.num_workers))
     return dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, num_classes=len(names)), data=data)
