@@ -190,3 +190,14 @@ def test_test_pipeline_scales():
     assert [tuple(v.shape[1:]) for v in views] == [(28, 42), (112, 140)]
     single, _ = TestPipeline("setr", short=56)(img, np.zeros((70, 84), np.uint8))
     assert isinstance(single, torch.Tensor) and single.dtype == torch.uint8
+
+
+def test_custom_dataset_config_runs_on_the_generic_layout(folder_run, tmp_path):
+    data, _, args = folder_run
+    config = Path(__file__).parents[1] / "configs" / "segmentation" / "custom" / "linear_probe_folder.yaml"
+    run = tmp_path / "run"
+    overrides = [a for a in args if not a.startswith(("train.iters", "setting", "output_dir"))]
+    extra = ["train.iters=2", "train.eval_every=2", f"output_dir={run}"]
+    assert main(["seg", "train", "--config", str(config), *overrides, *extra]) == 0
+    rows = json.loads((run / "train_history.json").read_text())
+    assert rows[-1]["iter"] == 2 and "mIoU" in rows[-1]
