@@ -19,6 +19,7 @@ from internvit.classification.run import run_train as run_cls_train
 from internvit.demo import run_demo
 from internvit.engine.config import load_config
 from internvit.engine.distributed import setup_logging
+from internvit.engine.loop import EXIT_INTERRUPTED, TrainingInterrupted
 from internvit.engine.precision import DTYPES
 from internvit.engine.results import format_table
 from internvit.errors import InternViTError
@@ -309,6 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"internvit: {e}; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("internvit: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -120,6 +120,47 @@ def test_killed_training_resumes_to_the_same_head(mini):
     assert records(run) == records(root / "uninterrupted")
 
 
+def _wait_for_record(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until metrics.jsonl holds the step record `step` (the run is then part-way into an epoch)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and f'"step": {step},' in metrics.read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no record of step {step} in {run} (process status {proc.poll()})")
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_bit_identically(mini):
+    """SIGTERM (a preemption notice) finishes the step, checkpoints part-way into the epoch and exits with status 3;
+    the rerun, with a loader worker where the reference had none, ends with the same heads and records."""
+    root, paths, checkpoint = mini
+    extra = {"train.epochs": 3, "train.eval_every": 100}
+    reference = cli(["cls", "train", *overrides(paths, checkpoint, root / "sigterm-ref", **extra)])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    run = root / "sigterm"
+    args = [*overrides(paths, checkpoint, run, **extra), "data.num_workers=1"]
+    cmd = [sys.executable, "-m", "internvit.cli", "cls", "train", *args]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_record(run, 10, proc)  # step 10 of 7 per epoch: inside the second epoch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-2000:]
+    stopped = int(err.split("after step ")[1].split(";")[0])
+    assert "internvit: stopped by SIGTERM after step" in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err and stopped % 7 and (run / "checkpoint.pth").is_file()
+    assert not (run / "head.safetensors").exists()
+    resumed = cli(["cls", "train", *args])
+    assert resumed.returncode == 0 and f"at step {stopped} of 21" in resumed.stderr, resumed.stderr[-2000:]
+    for name in ("head.safetensors", "head_ema.safetensors"):
+        a, b = load_file(root / "sigterm-ref" / name), load_file(run / name)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
+    history = json.loads((run / "train_history.json").read_text())
+    reference_history = json.loads((root / "sigterm-ref" / "train_history.json").read_text())
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in reference_history]  # train_loss too
+
+
 def test_corrupt_image_names_the_file_or_is_skipped_and_counted(tmp_path, mini, capsys):
     _, _, checkpoint = mini
     paths = make_mini_imagenet(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2)

@@ -255,3 +255,21 @@ def test_loader_workers_follow_the_cpu_count(monkeypatch, caplog):
     assert engine_data.resolve_num_workers(5) == 2 and "exceeds the 2 core(s)" in caplog.text  # never above the share
     monkeypatch.setattr(engine_data, "available_cpus", lambda: 1)
     assert engine_data.resolve_num_workers(None, local_processes=1) == 1
+
+
+def test_first_signal_is_recorded_a_second_exits_at_once():
+    code = """
+import os, signal, sys, time
+from internvit.engine.loop import StopSignals
+with StopSignals() as signals:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    assert signals.signum == signal.SIGINT, signals.signum
+    print("recorded", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+print("not reached", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + 2 and proc.stdout.strip() == "recorded", (proc.stdout, proc.stderr)
+    assert "SIGINT: finishing this step" in proc.stderr and "second SIGINT: exiting now" in proc.stderr

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,12 +128,20 @@ class ProbeRecipe:
     def _on_epoch(self, epoch: int) -> None:
         seed = epoch_seed(self.train_settings.seed, self.dist.rank, epoch)
         seed_everything(seed)
+        set_epoch = getattr(self.train_batches.dataset, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
         self.mix = new_mixup(self.train_settings, self.num_classes, seed)
 
     def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         per_epoch = self.steps_per_epoch * self.accum  # leftover micro-batches of an epoch are not used
-        batches = self.train_batches.epochs(start_step * self.accum, use_per_epoch=per_epoch, on_epoch=self._on_epoch)
-        for batch in batches:
+        start = start_step * self.accum
+        batches = self.train_batches.epochs(start, use_per_epoch=per_epoch, on_epoch=self._on_epoch)
+        for micro, batch in enumerate(batches, start):
+            if isinstance(self.mix, Mixup):  # its draws per (seed, rank, epoch, micro-batch): a resume replays them
+                epoch, index = divmod(micro, per_epoch)
+                seed = epoch_seed(self.train_settings.seed, self.dist.rank, epoch)
+                self.mix.rng = np.random.RandomState((seed * 100_003 + index) % (1 << 32))
             yield self.mix(*_micro_batch(batch, self.dist.device))
 
     def begin_step(self, step: int) -> None:

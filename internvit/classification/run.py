@@ -103,6 +103,7 @@ def _train_data(cfg: ClassificationConfig, dist: DistInfo) -> TrainData:
     t = cfg.train
     accum = accumulation_steps(t.global_batch, t.batch_size, dist.world_size)
     train_set = _train_set(cfg)
+    train_set.sample_seed = t.seed  # augmentations per (seed, epoch, image): a mid-epoch resume replays them
     _check_num_classes(cfg, train_set)
     batches = TrainBatches(
         train_set,

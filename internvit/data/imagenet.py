@@ -46,6 +46,11 @@ DATASET_NAMES = ("in1k", "real", "v2", "a", "r", "sketch")
 Sample = tuple[Any, int, int]  # (image: a tensor after the transform, target, index)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's random transform in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
+
+
 class ImageClassificationDataset(Dataset):
     """A list of (image path, target) with class metadata; items are (image, target, index), or None if skipped."""
 
@@ -67,6 +72,9 @@ class ImageClassificationDataset(Dataset):
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.skipped: list[Path] = []  # undecodable images skipped in this process
+        # set (the run's seed): each sample's random transform is seeded by (seed, epoch, index), see set_epoch
+        self.sample_seed: int | None = None
+        self.epoch = 0
 
     @property
     def targets(self) -> list[int]:
@@ -86,9 +94,18 @@ class ImageClassificationDataset(Dataset):
             log.warning("skipping sample %d of %s: %s", index, self.name, e.message)
             self.skipped.append(path)
             return None
-        if self.transform is not None:
+        if self.transform is not None and self.sample_seed is not None:
+            # the random transform of this (seed, epoch, sample) alone: the same in any worker, after any resume
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.sample_seed, self.epoch, index))
+                image = self.transform(image)
+        elif self.transform is not None:
             image = self.transform(image)
         return image, target, index
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose per-sample random transforms `sample_seed` selects (reaches workers made per epoch)."""
+        self.epoch = epoch
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, samples={len(self)}, classes={self.num_classes})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import cv2
@@ -38,8 +39,12 @@ def resolve_num_workers(requested: int | None, local_processes: int | None = Non
 
 
 def init_worker(_worker_id: int) -> None:
-    """DataLoader workers: one OpenCV thread each (the workers are the parallelism; results do not depend on it)."""
+    """DataLoader workers: one OpenCV thread each (the workers are the parallelism; results do not depend on it),
+    and deaf to SIGINT / SIGTERM, which a Ctrl-C or a cluster sends to every process: the training process finishes
+    its step with their batches, checkpoints and exits, and they end with it."""
     cv2.setNumThreads(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardSampler(Sampler[int]):

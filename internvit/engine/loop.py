@@ -5,7 +5,10 @@ after-step updates such as EMA, evaluation, the history record). Everything else
 - a step of `accum_steps` micro-batches, gradients synchronised on the last one only (`no_sync` before it);
 - loss scaling for fp16, the total-norm clip (also measured when off), the optimizer and schedule steps;
 - the progress bar, metrics lines (`metrics.jsonl`, rank 0), periodic evaluation and checkpoints, and the
-  history of records that a resumed run continues.
+  history of records that a resumed run continues;
+- SIGTERM / SIGINT (a cluster's preemption notice, Ctrl-C): the current step finishes, a checkpoint is written and
+  `TrainingInterrupted` is raised (the CLI exits with status 3); a second signal exits at once. A rerun resumes
+  bit-identically, the unfinished interval's loss sums included.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
@@ -84,19 +90,76 @@ class LoopSettings:
     grad_scaler: bool = False  # fp16 loss scaling
 
 
+EXIT_INTERRUPTED = 3  # the exit status of a run stopped by a signal after writing its checkpoint
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM / SIGINT after `step` steps, with a checkpoint of that step in `run_dir`."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint in {run_dir}")
+
+
+class StopSignals:
+    """While active (main thread only): the first SIGTERM / SIGINT is recorded for the loop to act on at the end of
+    the step; a second one ends the process at once (status 128 + signal, as a shell reports a signal)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"internvit: second {name}: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(
+            f"internvit: {name}: finishing this step, then writing a checkpoint and stopping "
+            f"(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _agree_stop(signals: StopSignals, device: torch.device) -> int | None:
+    """The signal any process received (every process stops at the same step), or None."""
+    signum = signals.signum or 0
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([signum], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signum or None
+
+
 class LoopState:
-    """The loop's own resumable state: steps done, the history of records, and how much of `metrics.jsonl` they
-    account for (a resumed run cuts the file there, so every record appears once)."""
+    """The loop's own resumable state: steps done, the history of records, how much of `metrics.jsonl` they
+    account for (a resumed run cuts the file there, so every record appears once), and, for a checkpoint written
+    between two records, every process's loss sums of the unfinished interval."""
 
     def __init__(self, metrics: Path | None) -> None:  # None: not the rank that writes metrics.jsonl
         self.step, self.history, self.metrics = 0, [], metrics
+        self.interval: list[list[float]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         size = self.metrics.stat().st_size if self.metrics and self.metrics.is_file() else 0
-        return {"step": self.step, "history": self.history, "metrics_bytes": size}
+        return {"step": self.step, "history": self.history, "metrics_bytes": size, "interval": self.interval}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.history = int(state["step"]), list(state["history"])
+        self.interval = state.get("interval")
         size = int(state.get("metrics_bytes", 0))
         if self.metrics and self.metrics.is_file() and self.metrics.stat().st_size > size:
             os.truncate(self.metrics, size)  # records of steps after the checkpoint are replayed: drop them
@@ -112,6 +175,24 @@ class _Totals:
     def reset(self) -> None:
         self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.images, self.start = 0, time.perf_counter()
+
+    def gather(self) -> list[list[float]]:
+        """Every process's sums (a collective when distributed), to checkpoint an unfinished interval."""
+        if not torch.distributed.is_initialized():
+            return [self.sums.tolist()]
+        parts = [torch.zeros_like(self.sums) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, self.sums)
+        return [part.tolist() for part in parts]
+
+    def restore(self, interval: list[list[float]], rank: int) -> None:
+        """This process's sums of a checkpointed interval (all of them on rank 0 when the process count changed)."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if len(interval) == world:
+            mine = interval[rank]
+        else:
+            mine = [sum(part[i] for part in interval) for i in range(2)] if rank == 0 else [0.0, 0.0]
+        self.sums = torch.tensor(mine, dtype=torch.float64, device=self.device)
+        self.images = int(mine[1])
 
     def add(self, loss: torch.Tensor, images: int) -> None:
         self.sums += torch.stack([loss.detach().double() * images, torch.tensor(images, device=self.device)])
@@ -160,6 +241,18 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     batches = task.batches(state.step)
     totals = _Totals(dist.device)
+    if state.interval is not None:
+        totals.restore(state.interval, dist.rank)
+        state.interval = None
+    with StopSignals() as signals:
+        _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals)
+    return state.history
+
+
+def _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals) -> None:
+    """The steps from state.step on; on a signal, a checkpoint of the step just done, then TrainingInterrupted."""
+    model, optimizer, scheduler = task.model, task.optimizer, task.scheduler
+    dist, run_dir = checkpointer.dist, checkpointer.run_dir
     start_step, start = state.step, time.perf_counter()
     bar = tqdm(total=settings.total_steps, initial=state.step, desc="train", disable=not dist.is_main)
     for step in range(state.step, settings.total_steps):
@@ -190,9 +283,16 @@ def train(
         record = task.log_record(step, info)
         if record is not None and dist.is_main:
             append_jsonl(run_dir / "metrics.jsonl", record)
-        _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir)
+        saved = _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir)
+        signum = _agree_stop(signals, dist.device)
+        if signum is not None:
+            bar.close()
+            if not saved:
+                state.interval = totals.gather()
+                checkpointer.save(objects)
+                state.interval = None
+            raise TrainingInterrupted(signum, done, run_dir)
     bar.close()
-    return state.history
 
 
 def _check_finite(step: int, loss: float, norm: float, scaled: bool, run_dir: Path) -> None:
@@ -227,13 +327,13 @@ def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> di
     return dict(zip(logs, values.tolist(), strict=True))  # one device sync per step
 
 
-def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir) -> None:
-    """Evaluation, the history record and the checkpoint due after `done` steps."""
+def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir) -> bool:
+    """Evaluation, the history record and the checkpoint due after `done` steps; whether a checkpoint was written."""
     last = done == settings.total_steps
     evaluate = done % settings.eval_every == 0 or last
     save = done % settings.save_every == 0 or last
     if not (evaluate or save):
-        return
+        return False
     evaluation = task.evaluate(done) if evaluate else None
     record = task.summarize(done, totals.reduce(), evaluation)
     if record is not None:
@@ -244,3 +344,4 @@ def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, 
     if save:
         checkpointer.save(objects)
     totals.reset()  # the next interval's clock starts after the checkpoint is written
+    return save
