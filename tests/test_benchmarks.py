@@ -65,9 +65,10 @@ def test_throughput_smoke(tmp_path):
 
 def test_input_pipeline_smoke(tmp_path):
     args = ["--preset", "debug", "--img-size", "56", "--num-images", "40", "--batch-size", "8", "--workers", "0", "2"]
-    result = run_script("input_pipeline.py", *args, "--e2e-workers", "2", tmp_path=tmp_path)
-    rows = result["rows"]
+    seg_args = ["--seg-images", "3", "--seg-workers", "0", "1", "--seg-check-images", "2"]  # both parts by default
+    result = run_script("input_pipeline.py", *args, "--e2e-workers", "2", *seg_args, tmp_path=tmp_path)
     assert result["complete"] is True
+    rows = [r for r in result["rows"] if r["part"] == "cls"]
     loader = [r for r in rows if r["stage"] == "decode+transform"]
     assert {(r["transform"], r["workers"]) for r in loader} == {("float", 0), ("float", 2), ("uint8", 0), ("uint8", 2)}
     assert all(r["img_s"] > 0 and r["images"] == 32 for r in loader)  # 5 full batches, the first timed apart
@@ -76,6 +77,34 @@ def test_input_pipeline_smoke(tmp_path):
     assert len(e2e) == 2 and all(r["images"] == 40 for r in e2e)
     for r in e2e:
         assert r["pct_of_forward"] == pytest.approx(100 * r["img_s"] / forward["img_s"])
+    check_segmentation_rows(result)
+
+
+def check_segmentation_rows(result: dict) -> None:
+    """Old (numpy, PIL) and new (OpenCV) segmentation paths: every row, sane rates, ratios that follow from them."""
+    same = ["decode", "train_pipeline", "test_pipeline", "train_from_files", "test_from_files", "all"]
+    assert result["seg_bit_identical"] == {"images": 2, "normalized_on": "cpu"} | dict.fromkeys(same, True)
+    assert result["seg_data"]["images"] == 3 and result["seg_data"]["mean_jpeg_kb"] > 30  # 683x512, textured
+    rows = {(r["stage"], r["pipeline"], r["path"], r.get("workers")): r for r in result["rows"] if r["part"] == "seg"}
+    stages, paths = ("per core: files", "per core: arrays"), ("old", "new", "new+normalize")
+    per_core = [(s, k, p, 0) for s in stages for k in ("train", "test") for p in paths]
+    loader = [("DataLoader", k, p, w) for k in ("train", "test") for p in ("old", "new") for w in (0, 1)]
+    normalize = [("normalize_images (cpu)", k, "new", None) for k in ("train", "test")]
+    assert sorted(rows) == sorted(per_core + loader + normalize)
+    for key, row in rows.items():
+        assert row["img_s"] > 0 and row["images"] == (row["batch"] if key[0].startswith("normalize") else 3)
+        if key[3] is not None:
+            assert row["img_s_per_worker"] == pytest.approx(row["img_s"] / max(key[3], 1))
+        if key[2] != "old" and key[3] is not None:
+            old = rows[key[0], key[1], "old", key[3]]
+            assert row["new_over_old"] == pytest.approx(row["img_s"] / old["img_s"])
+        else:
+            assert "new_over_old" not in row
+    for stage, kind, _, _ in per_core:
+        new, norm = rows[stage, kind, "new", 0]["img_s"], rows["normalize_images (cpu)", kind, "new", None]["img_s"]
+        assert rows[stage, kind, "new+normalize", 0]["img_s"] == pytest.approx(1 / (1 / new + 1 / norm))
+    assert {rows[k]["batch"] for k in loader if k[1] == "train"} == {2} and rows[normalize[1]]["batch"] == 1
+    assert all(rows[k]["startup_s"] > 0 for k in loader)  # the warm-up epoch, timed apart
 
 
 def test_finetune_smoke(tmp_path):

@@ -32,6 +32,7 @@ from internvit.data.imagenet_meta import (
     load_real_labels,
     load_wnids,
 )
+from internvit.data.images import load_image, read_image_bgr
 from internvit.data.transforms import build_eval_transform, build_train_transform
 from internvit.demo.imagenet import PALETTE, SYNSETS, make_mini_custom, make_mini_imagenet
 from internvit.errors import InternViTError
@@ -527,3 +528,34 @@ def test_custom_layout_errors(custom_tree, tmp_path):
     (root / "classes.txt").unlink()
     shutil.rmtree(root / "train")
     expect_error("neither a classes.txt nor a train/ folder", CustomSplit, root, "val")
+
+
+def test_deep_images_bombs_and_symlink_loops(tmp_path, monkeypatch):
+    """16-bit images are scaled to 8 bits (as OpenCV converts them), not clipped to white; a decompression bomb and
+    a symlink loop are named errors, in both decoders."""
+    deep = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # values up to 64491
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    pil = np.asarray(load_image(tmp_path / "deep.png"))
+    assert (pil[..., 0] == deep >> 8).all() and pil.max() == 64491 >> 8 and (pil[..., 0] != 255).any()
+    assert (read_image_bgr(tmp_path / "deep.png") == pil[..., ::-1]).all()  # Pillow and OpenCV agree
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
+    for decode in (load_image, read_image_bgr):
+        with pytest.raises(InternViTError, match="symbolic link that leads nowhere"):
+            decode(tmp_path / "a.jpg")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: more than twice the limit
+    with pytest.raises(InternViTError, match="decompression-bomb limit") as info:
+        load_image(tmp_path / "big.png")
+    assert "MAX_IMAGE_PIXELS" in info.value.fix
+
+
+def test_missing_val_classes_are_named(tmp_path, caplog):
+    paths = make_mini_imagenet(tmp_path, num_classes=3, train_per_class=2, val_per_class=1)
+    val = paths["in1k"] / "val"
+    missing = sorted(p.name for p in val.iterdir() if p.is_dir())[1]
+    shutil.rmtree(val / missing)
+    wnids = sorted(p.name for p in (paths["in1k"] / "train").iterdir())
+    with caplog.at_level(logging.WARNING):
+        dataset = ImageNetSplit(paths["in1k"], "val", wnids=wnids)
+    assert dataset.num_classes == 3 and f"no folder for 1 of its 3 classes: {missing}" in caplog.text

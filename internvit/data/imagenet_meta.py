@@ -268,6 +268,17 @@ def folder_samples(folder: Path, what: str, classes: list[str] | None) -> tuple[
             f"wnid list: {few(unknown)}",
             fix="pass the IN-1K wnid list as wnids= (e.g. the train/ folder names), or remove the stray folders",
         )
+    present = {name for name, _ in folders}
+    absent = [c for c in classes if c not in present]
+    if absent:  # scored over fewer classes than the head knows: say which
+        log.warning(
+            "%s under %s has no folder for %d of its %d classes: %s",
+            what,
+            folder,
+            len(absent),
+            len(classes),
+            few(absent),
+        )
     return [(p, index[name]) for name, files in folders for p in files], classes
 
 

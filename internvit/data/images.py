@@ -13,18 +13,44 @@ from internvit.errors import InternViTError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _missing(path: Path) -> InternViTError:
+    if path.is_symlink():
+        return InternViTError(
+            f"image {path} is a symbolic link that leads nowhere (broken, or a loop)", fix="repair or remove the link"
+        )
+    return InternViTError(f"no such image file: {path}", fix="check the path")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with images of more than 8 bits per sample scaled to 8 (value / 256, as OpenCV converts 16-bit images)
+    rather than clipped, which is what Pillow's convert does to them."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        deep = np.asarray(img, dtype=np.int64)
+        return Image.fromarray((np.clip(deep, 0, 65535) >> 8).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "F":  # floating-point samples: taken as [0, 1]
+        flat = np.clip(np.asarray(img, dtype=np.float64) * 255.0 + 0.5, 0, 255)
+        return Image.fromarray(flat.astype(np.uint8), mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: str | Path, *, exif: bool = False) -> Image.Image:
     """Open and fully decode an image as RGB (decoding now, so a truncated file fails here, naming the file).
 
     `exif=True` applies the EXIF orientation (single-image inference: the picture as its viewer shows it); the
-    datasets of the protocols leave it off, as torchvision's and timm's loaders do.
+    datasets of the protocols leave it off, as torchvision's and timm's loaders do. 16-bit images are scaled to 8
+    bits; an image past Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) is refused by name.
     """
     path = Path(path)
     if not path.is_file():
-        raise InternViTError(f"no such image file: {path}", fix="check the path")
+        raise _missing(path)
     try:
         with Image.open(path) as img:
-            return (ImageOps.exif_transpose(img) if exif else img).convert("RGB")
+            return _to_rgb(ImageOps.exif_transpose(img) if exif else img)
+    except Image.DecompressionBombError as e:
+        raise InternViTError(
+            f"image {path} is larger than Pillow's decompression-bomb limit ({e})",
+            fix="if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS; otherwise remove it",
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InternViTError(f"cannot decode image {path} ({e})", fix="the file is corrupt or not an image") from e
 
@@ -33,6 +59,8 @@ def read_image_bgr(path: str | Path) -> np.ndarray:
     """Decode an image as uint8 BGR HWC with OpenCV, as mmcv's loader (`imfrombytes`, flag 'color'): grey and
     16-bit images become 8-bit BGR, alpha is dropped, the EXIF orientation is applied."""
     path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:

@@ -2,7 +2,8 @@
 
 Images are uint8 BGR HWC arrays as `cv2.imdecode` gives them (mmcv's loader), and every step calls the OpenCV
 function mmcv calls (`cv2.resize` INTER_LINEAR / INTER_NEAREST, `cv2.cvtColor` BGR<->HSV, flips);
-PhotoMetricDistortion's brightness/contrast arithmetic is mmseg's own numpy float32 code. Each random step takes an
+PhotoMetricDistortion's brightness/contrast arithmetic is mmseg's own numpy float32 code (evaluated once per uint8
+level and applied with `cv2.LUT`: the same values, a table lookup per pixel). Each random step takes an
 explicit numpy Generator and draws in the same order and from the same distributions as mmseg (its global legacy
 `np.random` maps to `rng.random/integers/uniform`); the random streams themselves differ.
 
@@ -83,9 +84,13 @@ def _crop_box(shape: tuple[int, ...], crop: tuple[int, int], rng: np.random.Gene
 def _accepted(label_crop: np.ndarray, ignore_index: int, cat_max_ratio: float) -> bool:
     """mmseg's rule: more than one non-ignored class, the largest one under cat_max_ratio of the non-ignored pixels.
 
-    np.unique in mmseg; a bincount gives the same counts without sorting the crop.
+    np.unique in mmseg; a histogram gives the same counts without sorting the crop (cv2.calcHist on uint8 labels:
+    float32 counts, exact below 2**24 pixels).
     """
-    counts = np.bincount(label_crop.ravel())
+    if label_crop.dtype == np.uint8 and label_crop.size < (1 << 24):
+        counts = cv2.calcHist([np.ascontiguousarray(label_crop)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    else:
+        counts = np.bincount(label_crop.ravel())
     if ignore_index < len(counts):
         counts[ignore_index] = 0
     counts = counts[counts > 0]
@@ -129,13 +134,20 @@ def hsv_to_bgr(hsv: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(hsv), cv2.COLOR_HSV2BGR)
 
 
+_LEVELS = np.arange(256, dtype=np.uint8)
+
+
 def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    """mmseg PhotoMetricDistortion.convert: float32 img * alpha + beta, clipped to [0, 255], truncated to uint8."""
-    out = img.astype(np.float32)
-    out *= np.float32(alpha)
-    out += np.float32(beta)
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8)
+    """mmseg PhotoMetricDistortion.convert: float32 img * alpha + beta, clipped to [0, 255], truncated to uint8.
+
+    The arithmetic is elementwise on uint8, so it is computed once per level (exactly as mmseg computes it) and
+    applied as a lookup table.
+    """
+    lut = _LEVELS.astype(np.float32)
+    lut *= np.float32(alpha)
+    lut += np.float32(beta)
+    np.clip(lut, 0, 255, out=lut)
+    return cv2.LUT(img, lut.astype(np.uint8))
 
 
 def _contrast(img: np.ndarray, rng: np.random.Generator, contrast_range: tuple[float, float]) -> np.ndarray:
@@ -164,7 +176,8 @@ def photometric_distortion(
         img = hsv_to_bgr(hsv)
     if rng.integers(2):  # hue: numpy randint(-d, d) excludes d
         hsv = bgr_to_hsv(img)
-        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-hue_delta, hue_delta))) % 180
+        shift = ((_LEVELS.astype(np.int64) + int(rng.integers(-hue_delta, hue_delta))) % 180).astype(np.uint8)
+        hsv[..., 0] = cv2.LUT(hsv[..., 0], shift)  # (h + delta) % 180, per level
         img = hsv_to_bgr(hsv)
     if mode == 0:
         img = _contrast(img, rng, contrast_range)

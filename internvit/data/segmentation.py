@@ -88,14 +88,15 @@ def read_classes_file(path: str | Path) -> tuple[list[str], list[tuple[int, int,
     return names, (colours if all(given) else None)  # type: ignore[return-value]
 
 
+_REDUCE_LUT = np.concatenate([[255], np.arange(254), [255]]).astype(np.uint8)  # 0 -> 255, v -> v - 1, 255 -> 255
+
+
 def reduce_labels(raw: np.ndarray, reduce_zero_label: bool, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """mmseg's label reduction: 0 -> ignore, v -> v - 1, and a raw 255 stays ignored; identity without it."""
     if not reduce_zero_label:
         return raw
     if raw.dtype == np.uint8 and ignore_index == 255:
-        lut = np.arange(256, dtype=np.int64) - 1
-        lut[0] = lut[255] = 255
-        return lut.astype(np.uint8)[raw]
+        return cv2.LUT(raw, _REDUCE_LUT)
     label = raw.astype(np.int64) - 1
     label[(raw == 0) | (raw == 255)] = ignore_index
     return label
