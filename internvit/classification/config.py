@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from internvit.engine.config import BackboneConfig
+from internvit.engine.config import BackboneConfig, check_device, check_range
 
 EVAL_SETS = ("in1k", "real", "v2", "a", "r", "sketch")
 CUSTOM_SET = "custom"  # the val/ split of data.custom, the only set scored when data.custom is set
@@ -79,11 +79,18 @@ class TrainConfig:
     eval_every: int = 1  # epochs; evaluates IN-1K val (data.custom: its val/) with the raw and the EMA head
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "global_batch", "lr_ref_batch"):
+        for name in ("epochs", "batch_size", "global_batch", "lr_ref_batch", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError("train.warmup_epochs must be between 0 and train.epochs")
+        check_range("train.base_lr", self.base_lr, low=0, low_open=True)
+        for name in ("warmup_lr", "min_lr", "weight_decay", "mixup", "cutmix", "clip_grad"):
+            check_range(f"train.{name}", getattr(self, name), low=0)
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            check_range(f"train.{name}", getattr(self, name), low=0, high=1)
+        for name in ("momentum", "label_smoothing", "ema_decay"):
+            check_range(f"train.{name}", getattr(self, name), low=0, high=1, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class EvalConfig:
     batch_size: int = 128
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         bad = [s for s in self.sets if s not in (*EVAL_SETS, CUSTOM_SET)]
         if bad:
             raise ValueError(f"eval.sets: unknown set {bad[0]!r} (valid: {', '.join((*EVAL_SETS, CUSTOM_SET))})")
@@ -110,6 +119,7 @@ class ClassificationConfig:
     RENAMED_FIELDS: ClassVar[dict] = {"train.amp": ("backbone.precision", {"none": "fp32"})}
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         sets = list(self.eval.sets)
         if self.data.custom and sets not in (list(EVAL_SETS), [CUSTOM_SET]):
             raise ValueError(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from internvit.engine.precision import PRECISIONS
@@ -40,8 +42,32 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"backbone.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.img_size is not None and self.img_size < 1:
-            raise ValueError("backbone.img_size must be >= 1")
+        if self.img_size is not None and (self.img_size < 14 or self.img_size % 14):
+            raise ValueError(f"backbone.img_size must be a positive multiple of the patch size 14, got {self.img_size}")
+
+
+def check_range(name: str, value: float, *, low: float | None = None, high: float | None = None, **kw: bool) -> None:
+    """A ValueError naming the field unless low <= value <= high (`low_open` / `high_open`: strict bounds)."""
+    low_open, high_open = kw.get("low_open", False), kw.get("high_open", False)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be {' and '.join(b for b in (lo, hi) if b)}, got {value:g}")
+
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    """`device` names a device the run can use: auto, cpu, cuda or cuda:N (a GPU only where one is visible)."""
+    if not DEVICE.match(str(device)):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for, but no GPU is visible (use device=auto or device=cpu)")
+    if ":" in str(device) and int(str(device).split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"device={device}: only {torch.cuda.device_count()} GPU(s) are visible")
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -142,7 +168,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise InternViTError(f"no such config file: {path}", fix="pass a YAML file, e.g. from configs/")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise InternViTError(
+                f"{path} is not valid YAML{at}: {problem}",
+                fix="fix the YAML syntax (plain values only: python tags are not read)",
+            ) from None
         if not isinstance(loaded, dict):
             raise InternViTError(f"{path}: a config must be a YAML mapping", fix="write `section: {field: value}`")
         data = _rename_fields(loaded, renames)
@@ -150,7 +185,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InternViTError(f"bad override {item!r}", fix="write overrides as section.field=value")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise InternViTError(
+                f"override {item!r}: the value is not valid YAML ({problem})",
+                fix="quote it, or write lists as [a,b] and mappings as {k: v}",
+            ) from None
         if key in renames:  # an override under its old name wins like any other override
             key, values = renames[key]
             log.warning("config field %s is now %s", item.partition("=")[0], key)

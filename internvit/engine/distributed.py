@@ -139,9 +139,16 @@ def setup_logging(rank: int = 0, level: int = logging.INFO, log_file: str | os.P
 def start_run(output_dir: str | os.PathLike, device: str, *, process_group: bool = False) -> tuple[DistInfo, Path]:
     """Join the process group, create the run folder and log to it; `save_config` follows once the start-up checks
     pass, so a refused run leaves the folder's `config.yaml` saying what the folder holds."""
-    info = init_distributed(device, process_group=process_group)
     run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InternViTError(f"output_dir {run_dir} is a file, not a folder", fix="choose another output_dir")
+    info = init_distributed(device, process_group=process_group)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InternViTError(
+            f"cannot create output_dir {run_dir} ({e.strerror or e})", fix="choose a writable output_dir"
+        ) from e
     setup_logging(info.rank, log_file=run_dir / "log.txt")
     return info, run_dir
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from internvit.engine.config import BackboneConfig
+from internvit.engine.config import BackboneConfig, check_device, check_range
 
 HEAD_KINDS = ("linear", "upernet")
 TEST_RESIZES = ("setr", "keep_ratio")
@@ -44,6 +44,9 @@ class SegHeadConfig:
             raise ValueError(f"head.kind must be one of {HEAD_KINDS}, got {self.kind!r}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError("head.num_classes must be >= 1")
+        if self.channels < 1:
+            raise ValueError(f"head.channels must be >= 1, got {self.channels}")
+        check_range("head.aux_weight", self.aux_weight, low=0)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,11 @@ class SegTrainConfig:
                 raise ValueError(f"train.{name} must be >= 1")
         if self.parallel not in (None, *PARALLEL):
             raise ValueError(f"train.parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        check_range("train.lr", self.lr, low=0, low_open=True)
+        check_range("train.weight_decay", self.weight_decay, low=0)
+        check_range("train.layer_decay", self.layer_decay, low=0, high=1, low_open=True)
+        if not 0 <= self.warmup_iters <= self.iters:
+            raise ValueError(f"train.warmup_iters must be between 0 and train.iters, got {self.warmup_iters}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,8 @@ class SegEvalConfig:
     flip: bool = False
 
     def __post_init__(self) -> None:
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"eval.stride must be >= 1, got {self.stride}")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"eval.scales must be a non-empty list of positive ratios, got {self.scales}")
 
@@ -136,6 +146,7 @@ class SegmentationConfig:
 
     def __post_init__(self) -> None:
         """Derive the resolution fields left unset from data.crop; refuse settings that contradict it."""
+        check_device(self.device)
         crop = self.data.crop
         for name, value in (("backbone.img_size", self.backbone.img_size), ("eval.crop", self.eval.crop)):
             if value is not None and value != crop:
@@ -150,7 +161,9 @@ class SegmentationConfig:
             test_short=self.data.test_short or crop,
         )
         object.__setattr__(self, "data", data)
-        stride = self.eval.stride or crop * 23 // 36 // 14 * 14
+        stride = self.eval.stride or max(14, crop * 23 // 36 // 14 * 14)
+        if stride > crop:
+            raise ValueError(f"eval.stride={stride} exceeds the window (data.crop={crop}): pixels would be skipped")
         object.__setattr__(self, "eval", replace(self.eval, crop=crop, stride=stride))
         parallel = self.train.parallel or ("ddp" if self.backbone.frozen else "fsdp")
         if parallel == "fsdp" and self.backbone.frozen:

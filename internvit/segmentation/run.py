@@ -347,7 +347,9 @@ def run_segment(
         raise InternViTError(
             f"{checkpoint} carries no run settings", fix="pass a best.safetensors written by seg train"
         )
-    cfg = config_from_dict(SegmentationConfig, json.loads(report.metadata["config"]))
+    saved = json.loads(report.metadata["config"])
+    saved["device"] = device  # the training machine's device need not exist here
+    cfg = config_from_dict(SegmentationConfig, saved)
     dev = resolve_device(device)
     compile = cfg.backbone.compile
     if compile is None:  # compiling pays back its cost only over many images

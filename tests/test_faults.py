@@ -1,0 +1,85 @@
+"""Bad settings through the real CLI: each ends in one `internvit: error:` line naming the problem and a `fix:` line,
+exit status 2, before any model or dataset loads."""
+
+import pytest
+import torch
+
+from internvit.cli import main
+
+CLS_CASES = [
+    ("eval.batch_size=-1", "eval.batch_size must be >= 1, got -1"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("train.eval_every=0", "train.eval_every must be >= 1"),
+    ("train.base_lr=-0.1", "train.base_lr must be > 0, got -0.1"),
+    ("train.ema_decay=5", "train.ema_decay must be >= 0 and < 1, got 5"),
+    ("train.label_smoothing=1", "train.label_smoothing must be >= 0 and < 1, got 1"),
+    ("train.mixup_prob=1.5", "train.mixup_prob must be >= 0 and <= 1, got 1.5"),
+    ("train.clip_grad=-1", "train.clip_grad must be >= 0, got -1"),
+    ("backbone.img_size=50", "backbone.img_size must be a positive multiple of the patch size 14, got 50"),
+    ("backbone.precision=fp64", "backbone.precision must be one of"),
+    ("device=bogus", "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    ("device=cuda:x", "device must be auto, cpu, cuda or cuda:N"),
+    ("train.epochs=abc", "train.epochs: expected int, got 'abc'"),
+    ("train.nosuch=1", "unknown config field train.nosuch"),
+    ("train.epochs=[1,", "override 'train.epochs=[1,': the value is not valid YAML"),
+    ("train.epochs", "bad override 'train.epochs'"),
+]
+SEG_CASES = [
+    ("eval.stride=0", "eval.stride must be >= 1, got 0"),
+    ("eval.stride=600", "eval.stride=600 exceeds the window (data.crop=504)"),
+    ("data.crop=-112", "data.crop must be a positive multiple of the patch size 14, got -112"),
+    ("train.lr=-1", "train.lr must be > 0, got -1"),
+    ("train.warmup_iters=-1", "train.warmup_iters must be between 0 and train.iters, got -1"),
+    ("train.layer_decay=0", "train.layer_decay must be > 0 and <= 1, got 0"),
+    ("eval.scales=[]", "eval.scales must be a non-empty list of positive ratios"),
+    ("data.ignore_index=70000", "data.ignore_index must be in [0, 65535]"),
+    ("head.kind=fcn", "head.kind must be one of"),
+    ("data.reduce_zero_label=false", "ADE20K labels are always reduced"),
+]
+
+
+def expect(argv: list[str], message: str, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("internvit: error: ") and message in err[0], err
+    assert err[1].startswith("  fix: ") and len(err[1]) > len("  fix: "), err
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(("override", "message"), CLS_CASES, ids=[c[0] for c in CLS_CASES])
+def test_bad_classification_settings(override, message, tmp_path, capsys):
+    expect(["cls", "train", f"output_dir={tmp_path / 'run'}", override], message, capsys)
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+@pytest.mark.parametrize(("override", "message"), SEG_CASES, ids=[c[0] for c in SEG_CASES])
+def test_bad_segmentation_settings(override, message, tmp_path, capsys):
+    expect(["seg", "train", f"output_dir={tmp_path / 'run'}", override], message, capsys)
+
+
+def test_device_cuda_without_a_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    expect(["cls", "train", "device=cuda", f"output_dir={tmp_path}"], "device=cuda was asked for, but no GPU", capsys)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train: {epochs: [1,\n", "is not valid YAML (line 2, column 1)"),
+        ("!!python/object/apply:os.system ['echo pwned']\n", "could not determine a constructor"),
+        ("- a\n- b\n", "a config must be a YAML mapping"),
+        ("train: 3\n", "train: expected a mapping of fields"),
+    ],
+)
+def test_bad_yaml_files(text, message, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    expect(["cls", "train", "--config", str(path), f"output_dir={tmp_path / 'run'}"], message, capsys)
+    expect(["seg", "train", "--config", str(path), f"output_dir={tmp_path / 'run'}"], message, capsys)
+
+
+def test_missing_config_and_output_dir_that_is_a_file(tmp_path, capsys):
+    expect(["cls", "train", "--config", str(tmp_path / "none.yaml")], "no such config file", capsys)
+    (tmp_path / "taken").write_text("a file")
+    expect(["cls", "eval", f"output_dir={tmp_path / 'taken'}", "head.checkpoint=x"], "is a file, not a folder", capsys)
