@@ -50,9 +50,10 @@ def test_probe_learns_and_scores_all_six_sets(mini, capsys):
     history = json.loads((run / "train_history.json").read_text())
     assert len(history) == 10 and "val_acc1_ema" in history[-1]
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
-    assert [r["step"] for r in steps[:3]] == [0, 10, 20]  # 7 steps of 32 images per epoch, a record every 10th
-    for r in steps:  # the lr step s ran with: f(s - 1), and f(0) = 0 for s = 0 (timm's update order, REFERENCE §4.1)
-        expected = cosine_lr(max(r["step"] - 1, 0), base_lr=1.6 * 32 / 512, total_steps=70, warmup_steps=7)
+    # 7 steps of 32 images per epoch: a record at every 10th step of each epoch, i.e. at each epoch's first step
+    assert [r["step"] for r in steps[:3]] == [0, 7, 14]
+    for r in steps:  # the lr as the original logs it: after step_update(s), f(s) (timm's update order, REFERENCE §4.1)
+        expected = cosine_lr(r["step"], base_lr=1.6 * 32 / 512, total_steps=70, warmup_steps=7)
         assert r["lr"] == pytest.approx(expected, rel=1e-12), r
     head = run / "head.safetensors"
     assert main(["cls", "eval", *overrides(paths, checkpoint, run / "eval", **{"head.checkpoint": head})]) == 0
@@ -142,7 +143,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_bit_identically(mini):
     args = [*overrides(paths, checkpoint, run, **extra), "data.num_workers=1"]
     cmd = [sys.executable, "-m", "internvit.cli", "cls", "train", *args]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_record(run, 10, proc)  # step 10 of 7 per epoch: inside the second epoch
+    _wait_for_record(run, 7, proc)  # the first step of the second epoch (7 per epoch) is done
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err[-2000:]

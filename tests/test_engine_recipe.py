@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from internvit.classification.recipe import is_log_step
 from internvit.engine.ema import ModelEma
 from internvit.engine.mixup import MixParams, Mixup, rand_bbox, smoothed_one_hot, soft_target_cross_entropy
 from internvit.engine.schedule import StepScheduler, cosine_lr, poly_lr
@@ -162,6 +163,20 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, C, H, W, generator=g), torch.randint(0, NUM_CLASSES, (B,), generator=g)
 
 
+def _timm_0_9_12_rand_bbox(img_shape, lam, margin=0.0, count=None):
+    """timm 0.9.12's rand_bbox (the original's pin), written out: both half-sides `cut // 2` (the installed timm
+    rounds the high side up)."""
+    ratio = np.sqrt(1 - lam)
+    img_h, img_w = img_shape[-2:]
+    cut_h, cut_w = int(img_h * ratio), int(img_w * ratio)
+    margin_y, margin_x = int(margin * cut_h), int(margin * cut_w)
+    cy = np.random.randint(0 + margin_y, img_h - margin_y, size=count)
+    cx = np.random.randint(0 + margin_x, img_w - margin_x, size=count)
+    yl, yh = np.clip(cy - cut_h // 2, 0, img_h), np.clip(cy + cut_h // 2, 0, img_h)
+    xl, xh = np.clip(cx - cut_w // 2, 0, img_w), np.clip(cx + cut_w // 2, 0, img_w)
+    return yl, yh, xl, xh
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -172,8 +187,9 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         {"label_smoothing": 0.0, "switch_prob": 0.9},
     ],
 )
-def test_mixup_matches_timm_sequence(kwargs):
+def test_mixup_matches_timm_sequence(kwargs, monkeypatch):
     """Same seed -> same draws, images and soft targets as timm, batch after batch, for every path."""
+    monkeypatch.setattr(timm_mixup, "rand_bbox", _timm_0_9_12_rand_bbox)
     kw = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=NUM_CLASSES) | kwargs
     for seed in range(3):
         np.random.seed(seed)
@@ -369,3 +385,35 @@ def test_ema_state_dict_round_trip_and_errors():
         ModelEma(model, decay=1.5)
     with pytest.raises(ValueError, match="state dicts differ"):
         ema.update(nn.Linear(2, 2))
+
+
+class _Centre:
+    """Stub RNG: the CutMix box centre is pixel (5, 5)."""
+
+    def randint(self, low, high):
+        return 5
+
+
+def test_cutmix_box_is_timm_0_9_12s():
+    """timm 0.9.12 (the original's pin) cuts `cut // 2` on both sides of the centre: an odd side of 3 gives a box of
+    2 pixels (later timm: 3)."""
+    lam = 1 - 0.35**2  # cut = int(9 * 0.35) = 3
+    assert rand_bbox(_Centre(), 9, 9, lam) == (4, 6, 4, 6)
+    assert rand_bbox(_Centre(), 10, 10, 1 - 0.4**2) == (3, 7, 3, 7)  # even side 4: the same in every version
+
+
+def test_logged_lr_is_the_originals():
+    """The original's log: lr after step_update(epoch * steps + idx), printed at idx % 10 == 0 of each epoch, for
+    the paper's run (global batch 1024: lr 0.2, 1251 steps per epoch, 10 epochs, 1 warmup epoch)."""
+    steps = 1251
+    optimizer = _optimizer()
+    schedule = functools.partial(cosine_lr, base_lr=0.2, total_steps=10 * steps, warmup_steps=steps)
+    scheduler = StepScheduler(optimizer, schedule, lag_one_step=True)
+    logged = {}
+    for step in range(4 * steps):
+        scheduler.step_update(step)
+        if is_log_step(step, steps):
+            logged[step] = optimizer.param_groups[-1]["lr"]
+    assert [round(logged[s], 6) for s in (10, 20, 30)] == [0.001599, 0.003197, 0.004796]
+    assert [round(logged[e * steps], 6) for e in (1, 2, 3)] == [0.195106, 0.180902, 0.158779]
+    assert 1260 not in logged and 1251 in logged and 1261 in logged  # per-epoch index, not global step % 10

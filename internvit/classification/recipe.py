@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 Mix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # Settings that may change between a run and its resumption without changing what is being trained.
 RESUME_FREE_FIELDS = ("eval_every",)
-LOG_EVERY = 10  # a metrics line every 10th optimizer step
+LOG_EVERY = 10  # a metrics line every 10th optimizer step of each epoch, as the original's print_freq
+
+
+def is_log_step(step: int, steps_per_epoch: int) -> bool:
+    """The original logs at `idx % print_freq == 0` with idx the step's index within its epoch."""
+    return (step % steps_per_epoch) % LOG_EVERY == 0
 
 
 def accumulation_steps(global_batch: int, batch_size: int, world_size: int) -> int:
@@ -160,10 +165,12 @@ class ProbeRecipe:
             self.ema.update(self.head)
 
     def log_record(self, step: int, info: dict[str, float]) -> dict[str, Any] | None:
-        if step % LOG_EVERY:
+        if not is_log_step(step, self.steps_per_epoch):
             return None
-        keys = ("loss", "grad_norm", "lr", "img_s")
-        return {"epoch": step // self.steps_per_epoch + 1, "step": step, **{k: info[k] for k in keys}}
+        # the lr as the original prints it: after the schedule's update for this step (the rate of the next step)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        keys = ("loss", "grad_norm", "img_s")
+        return {"epoch": step // self.steps_per_epoch + 1, "step": step, "lr": lr, **{k: info[k] for k in keys}}
 
     def evaluate(self, done: int) -> dict[str, Any]:
         heads = {"head": self.head} | ({"ema": self.ema.module} if self.ema else {})

@@ -28,15 +28,17 @@ class MixParams:
 
 
 def rand_bbox(rng: np.random.RandomState, height: int, width: int, lam: float) -> tuple[int, int, int, int]:
-    """timm's CutMix box: side sqrt(1 - lam) of the image, centre uniform over pixels, clipped to the image."""
+    """timm 0.9.12's CutMix box (the version the original pins): side sqrt(1 - lam) of the image, centre uniform over
+    pixels, half-sides `cut // 2` on both sides, clipped to the image. (Later timm versions give the high side
+    `(cut + 1) // 2`, a box one pixel larger where a side is odd.)"""
     ratio = np.sqrt(1 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy = rng.randint(0, height)
     cx = rng.randint(0, width)
     yl = int(np.clip(cy - cut_h // 2, 0, height))
-    yh = int(np.clip(cy + (cut_h + 1) // 2, 0, height))
+    yh = int(np.clip(cy + cut_h // 2, 0, height))
     xl = int(np.clip(cx - cut_w // 2, 0, width))
-    xh = int(np.clip(cx + (cut_w + 1) // 2, 0, width))
+    xh = int(np.clip(cx + cut_w // 2, 0, width))
     return yl, yh, xl, xh
 
 
