@@ -1,4 +1,5 @@
-"""mmseg-format segmentor checkpoints (REFERENCE §5.9): every wrapping, split into parts, strict backbone load."""
+"""mmseg-format segmentor checkpoints (docs/protocol.md §5.9): every wrapping, split into parts, strict backbone
+load."""
 
 import pytest
 import torch
@@ -6,14 +7,17 @@ from conftest import TINY_6B, randomize_
 from safetensors.torch import save_file
 
 from internvit.errors import InternViTError
-from internvit.model import build_model
+from internvit.model import build_model, get_config
+from internvit.segmentation.build import build_segmentor
 from internvit.segmentation.checkpoints import (
     PARTS,
     join_segmentor_state,
     load_segmentation_checkpoint,
+    load_segmentor_weights,
     save_segmentation_checkpoint,
     split_segmentor_state,
 )
+from internvit.segmentation.config import SegBackboneConfig, SegHeadConfig
 from internvit.weights import load_state_into, to_native
 
 C = TINY_6B.embed_dim
@@ -44,7 +48,7 @@ def expected_parts(*, fpn: bool, aux: bool, seed: int = 0) -> dict[str, Tensors]
     }
     parts: dict[str, Tensors] = {part: {} for part in PARTS}
     parts["backbone"] = backbone
-    if fpn:  # the original's adapters: up1 = ConvT, LayerNorm2d, GELU, ConvT; up2 = ConvT (REFERENCE §5.5)
+    if fpn:  # the original's adapters: up1 = ConvT, LayerNorm2d, GELU, ConvT; up2 = ConvT (docs/protocol.md §5.5)
         for name in ("up1.0", "up1.3", "up2.0"):
             parts["fpn"] |= {f"{name}.weight": _rand(gen, C, C, 2, 2), f"{name}.bias": _rand(gen, C)}
         parts["fpn"] |= {"up1.1.weight": _rand(gen, C), "up1.1.bias": _rand(gen, C)}
@@ -245,3 +249,47 @@ def test_missing_and_garbage_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(InternViTError, match="cannot read"):
         load_segmentation_checkpoint(tmp_path / "junk.pth")
+
+
+def _segmentor(seed: int):
+    torch.manual_seed(seed)
+    backbone = build_model(get_config("debug").replace(img_size=112))
+    return build_segmentor(
+        backbone,
+        SegBackboneConfig(out_indices=[0, 1, 2, 3]),
+        SegHeadConfig(kind="upernet", fpn=True, aux=True, channels=8),
+    )
+
+
+def _write_segmentor(state: Tensors, path, fmt: str):
+    """A segmentor state in the released mmseg layout (FPN under backbone.up*), as .pth or our safetensors."""
+    mmseg = {("backbone." + k[4:] if k.startswith("fpn.") else k): v for k, v in state.items()}
+    if fmt == "pth":
+        torch.save({"meta": {"iter": 80000}, "state_dict": mmseg}, path)
+        return path
+    return save_segmentation_checkpoint(split_segmentor_state(mmseg), path)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_non_finite_segmentor_weights_are_refused_and_nothing_is_loaded(tmp_path, fmt):
+    state = {k: v.clone() for k, v in _segmentor(0).state_dict().items()}
+    assert any(k.startswith("fpn.") for k in state)
+    path = tmp_path / f"seg.{fmt}"
+    state["decode_head.conv_seg.weight"][1, 0, 0, 0] = float("nan")
+    state["fpn.up1.0.bias"][2] = float("-inf")
+    _write_segmentor(state, path, fmt)
+    target = _segmentor(1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(InternViTError, match="NaN or Inf") as info:
+        load_segmentor_weights(target, str(path))
+    # in the order the segmentor's state is assembled: the heads' parts, then the FPN
+    assert info.value.message == (
+        f"{path}: 2 tensor(s) hold NaN or Inf values: decode_head.conv_seg.weight, fpn.up1.0.bias"
+    )
+    assert info.value.fix
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    state["decode_head.conv_seg.weight"][1, 0, 0, 0] = 0.0  # the same weights made finite load
+    state["fpn.up1.0.bias"][2] = 0.0
+    _write_segmentor(state, path, fmt)
+    load_segmentor_weights(target, str(path))
+    assert all(torch.equal(v, state[k]) for k, v in target.state_dict().items())

@@ -1,5 +1,6 @@
-"""Checkpoint reading, key maps, strict loading, preset matching and errors (REFERENCE 1.7-1.10)."""
+"""Checkpoint reading, key maps, strict loading, preset matching and errors (docs/protocol.md §1.7-1.10)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,20 @@ from checkpoints import (
     save_st,
     write_case,
 )
-from conftest import TINY_6B, TINY_300M
+from conftest import TINY_6B, TINY_300M, randomize_
+from safetensors.torch import load_file
 
+from internvit.classification.checkpoints import load_head_state, save_head
+from internvit.classification.heads import ClsPatchConcatHead
 from internvit.weights import (
     LAYOUTS,
+    convert_checkpoint,
     detect_layout,
     from_native,
     load_model,
     to_native,
 )
+from internvit.weights.files import non_finite_tensors
 
 # ----------------------------------------------------------------------------------------------- key maps
 
@@ -130,7 +136,7 @@ def test_preset_is_matched_and_pos_embed_resized(tmp_path):
 
 
 def test_hf_internvit_block_keys_are_exactly_the_spec_list(cfg=TINY_6B):
-    """Written out from REFERENCE 1.10, independent of the key-map table."""
+    """Written out from docs/protocol.md §1.10, independent of the key-map table."""
     keys = {k for k in from_native(native_sd(cfg), "hf_internvit") if k.startswith("encoder.layers.0.")}
     parts = [
         "norm1.weight",
@@ -273,3 +279,246 @@ def test_folder_with_two_unrelated_pth_files(tmp_path):
     save_pth(native_sd(), tmp_path / "a.pth")
     save_pth(native_sd(seed=1), tmp_path / "b.pth")
     expect_error(r"cannot tell which checkpoint to load \(a\.pth, b\.pth\)", load_model, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- shard indexes
+
+
+def _sharded(tmp_path: Path) -> tuple[Path, dict]:
+    """A valid sharded hf_internvit folder (in tmp_path/model) and its parsed index."""
+    index = save_sharded(from_native(native_sd(), "hf_internvit"), tmp_path / "model")
+    return index, json.loads(index.read_text())
+
+
+def _rewrite(index: Path, data: dict, key: str, value: object) -> None:
+    data["weight_map"][key] = value
+    index.write_text(json.dumps(data))
+
+
+def _no_shard_reads(monkeypatch) -> None:
+    """Make reading any checkpoint or safetensors header fail the test: checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a shard was read before the index was checked")
+
+    for name in ("safe_open", "_load_file", "_is_safetensors"):
+        monkeypatch.setattr(f"internvit.weights.files.{name}", refuse)
+
+
+ENTRY = "embeddings.class_embedding"
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink-file", "symlink-folder"])
+def test_index_entries_outside_the_folder_are_refused_before_any_read(tmp_path, monkeypatch, how):
+    index, data = _sharded(tmp_path)
+    folder = index.parent.resolve()
+    outside = tmp_path / "elsewhere"
+    save_st({"x": torch.zeros(2)}, outside / "stolen.safetensors")  # exists: refused for where it is, not absence
+    if how == "dotdot":
+        name, why = "../../elsewhere/stolen.safetensors", "outside the index's folder"
+    elif how == "absolute":
+        name, why = str(outside / "stolen.safetensors"), "outside the index's folder"
+    elif how == "symlink-file":
+        (index.parent / "evil.safetensors").symlink_to(outside / "stolen.safetensors")
+        name, why = (
+            "evil.safetensors",
+            f"a symlink to {outside.resolve() / 'stolen.safetensors'}, outside the index's folder",
+        )
+    else:
+        (index.parent / "sub").symlink_to(outside, target_is_directory=True)
+        name, why = (
+            "sub/stolen.safetensors",
+            f"a symlink to {outside.resolve() / 'stolen.safetensors'}, outside the index's folder",
+        )
+    _rewrite(index, data, ENTRY, name)
+    _no_shard_reads(monkeypatch)
+    for source in (index, index.parent):
+        err = expect_error("outside the index's folder", load_model, source)
+        assert err.message == f"{index}: weight_map entry {ENTRY!r} names {name!r}, {why} {folder}"
+
+
+def test_index_symlinks_inside_the_folder_and_the_hub_cache_layout_load(tmp_path):
+    sd = native_sd()
+    index, data = _sharded(tmp_path)
+    shard = data["weight_map"][ENTRY]
+    (index.parent / "alias.safetensors").symlink_to(index.parent / shard)  # a link that stays inside
+    for key, value in data["weight_map"].items():
+        if value == shard:
+            data["weight_map"][key] = "alias.safetensors"
+    index.write_text(json.dumps(data))
+    assert_same(load_model(index.parent)[0].state_dict(), sd)
+    # the Hugging Face cache: snapshots/REV/* are symlinks to ../../blobs/HASH (what snapshot_download returns)
+    repo = tmp_path / "hub" / "models--OpenGVLab--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for j, file in enumerate(sorted(index.parent.iterdir())):  # alias.safetensors too
+        (blobs / f"blob{j}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{j}")
+    model, report = load_model(snapshot)
+    assert report.ok and report.layout == "hf_internvit"
+    assert_same(model.state_dict(), sd)
+
+
+def _bad_index_cases(index: Path) -> dict[str, tuple[str, str]]:
+    """case -> (index text, the exact error message)."""
+    try:
+        json.loads("{not json")
+    except json.JSONDecodeError as e:
+        decode_error = str(e)
+    shape = f"{index}: not a valid shard index (needs a non-empty 'weight_map' object of tensor name -> shard file)"
+    entry = f"{index}: weight_map entry {ENTRY!r} is "
+    return {
+        "not-json": ("{not json", f"{index}: not a valid shard index (not JSON: {decode_error})"),
+        "a-list": ("[1, 2]", shape),
+        "no-weight_map": ('{"metadata": {"total_size": 0}}', shape),
+        "weight_map-a-list": ('{"weight_map": ["model-00001-of-00003.safetensors"]}', shape),
+        "empty-weight_map": ('{"weight_map": {}}', shape),
+        "number-entry": (json.dumps({"weight_map": {ENTRY: 3}}), entry + "3, not a shard file name"),
+        "null-entry": (json.dumps({"weight_map": {ENTRY: None}}), entry + "null, not a shard file name"),
+        "list-entry": (json.dumps({"weight_map": {ENTRY: ["a"]}}), entry + '["a"], not a shard file name'),
+        "empty-entry": (json.dumps({"weight_map": {ENTRY: ""}}), entry + '"", not a shard file name'),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not-json",
+        "a-list",
+        "no-weight_map",
+        "weight_map-a-list",
+        "empty-weight_map",
+        "number-entry",
+        "null-entry",
+        "list-entry",
+        "empty-entry",
+    ],
+)
+def test_malformed_index_is_a_clear_error_naming_it(tmp_path, monkeypatch, case):
+    index, _ = _sharded(tmp_path)
+    text, message = _bad_index_cases(index)[case]
+    index.write_text(text)
+    _no_shard_reads(monkeypatch)
+    err = expect_error("shard index|weight_map entry", load_model, index)
+    assert err.message == message
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    index, data = _sharded(tmp_path)
+    _rewrite(index, data, ENTRY, "model-00009-of-00003.safetensors")
+    err = expect_error("missing", load_model, index)
+    assert err.message == f"{index}: 1 shard file(s) it lists are missing: model-00009-of-00003.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------- header preset
+
+
+def _claiming(tmp_path: Path, preset: str) -> Path:
+    """Our safetensors file of the debug-sized backbone whose header names `preset`."""
+    path = tmp_path / "tiny.safetensors"
+    meta = convert_checkpoint(save_pth(native_sd(), tmp_path / "ckpt.pth"), path)
+    save_st(load_file(path), path, metadata=meta | {"preset": preset})
+    return path
+
+
+def _no_data_no_model(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data was read or a model built before the header was checked")
+
+    monkeypatch.setattr("internvit.weights.files._load_safetensors", refuse)
+    monkeypatch.setattr("internvit.weights.loading.build_model", refuse)
+
+
+def test_header_claiming_the_6b_preset_fails_before_reading_data_or_building(tmp_path, monkeypatch):
+    path = _claiming(tmp_path, "internvit-6b-224px")
+    _no_data_no_model(monkeypatch)
+    err = expect_error("its header names preset 'internvit-6b-224px'", load_model, path)
+    assert err.message == (
+        f"{path}: its header names preset 'internvit-6b-224px', but its tensors do not fit it: "
+        "embed_dim 64 vs 3200; depth 4 vs 48; mlp_hidden_dim 256 vs 12800 (checkpoint vs preset); "
+        "e.g. cls_token: checkpoint (1, 1, 64) vs preset (1, 1, 3200)"
+    )
+    assert "use preset 'debug'" in err.fix
+    # a preset asked for is checked from the header just as early, and wins over the header's
+    err = expect_error("does not fit preset 'internvit-300m-448px'", load_model, path, preset="internvit-300m-448px")
+    assert err.message == (
+        "checkpoint does not fit preset 'internvit-300m-448px': embed_dim 64 vs 1024; depth 4 vs 24; "
+        "mlp_hidden_dim 256 vs 4096; norm_type rms_norm vs layer_norm; qkv_bias False vs True; qk_norm True vs False "
+        "(checkpoint vs preset); e.g. cls_token: checkpoint (1, 1, 64) vs preset (1, 1, 1024)"
+    )
+
+
+def test_header_preset_that_fits_still_loads(tmp_path):
+    path = _claiming(tmp_path, "debug")
+    model, report = load_model(path)
+    assert report.preset == "debug" and report.ok
+    assert_same(model.state_dict(), native_sd())
+    expect_error("does not fit preset", load_model, path, preset="internvit-6b-224px")
+
+
+# ----------------------------------------------------------------------------------------------- NaN / Inf
+
+
+def test_non_finite_backbone_is_refused_before_building(tmp_path, monkeypatch):
+    sd = native_sd()
+    sd["pos_embed"][0, 3, 1] = float("-inf")
+    sd["blocks.1.mlp.fc1.weight"][3, 5] = float("nan")
+    sd["blocks.3.attn.proj.bias"][0] = float("inf")
+    path = save_pth(sd, tmp_path / "ckpt.pth")
+    monkeypatch.setattr("internvit.weights.loading.build_model", lambda *a, **k: pytest.fail("model built"))
+    for strict in (True, False):
+        err = expect_error("NaN or Inf", load_model, path, strict=strict)
+        assert err.message == (
+            f"{path}: 3 tensor(s) hold NaN or Inf values: pos_embed, blocks.1.mlp.fc1.weight, blocks.3.attn.proj.bias"
+        )
+
+
+def test_non_finite_listing_is_capped_and_names_the_file_of_a_folder(tmp_path):
+    sd = native_sd()
+    bad = [f"blocks.{i}.{p}" for i in range(4) for p in ("mlp.fc2.weight", "attn.qkv.weight")][:7]
+    for key in bad:
+        sd[key].view(-1)[-1] = float("nan")
+    source, _, _ = write_case("hf-safetensors-folder", sd, tmp_path)
+    err = expect_error("NaN or Inf", load_model, source)
+    names = err.message.split("values: ")[1].split(", ... ")[0].split(", ")
+    assert err.message.startswith(f"{source / 'model.safetensors'}: 7 tensor(s) hold NaN or Inf values: ")
+    assert err.message.endswith(", ... (2 more)") and len(names) == 5 and set(names) < set(bad)
+
+
+def test_non_finite_tensors_by_dtype():
+    good = {
+        "f32": torch.randn(4, 3),
+        "bf16": torch.randn(5).bfloat16(),
+        "f8": torch.tensor([1.0, -448.0, 0.0]).to(torch.float8_e4m3fn),  # no isfinite kernel: checked upcast
+        "int": torch.tensor([2**62, -(2**62)]),
+        "bool": torch.ones(3, dtype=torch.bool),
+    }
+    assert non_finite_tensors(good) == []
+    bad = {
+        "f16": torch.tensor([1.0, float("inf")]).half(),
+        "f8-nan": torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn),
+        "f8e5m2": torch.tensor([float("-inf")]).to(torch.float8_e5m2),
+        "f64": torch.tensor(float("nan"), dtype=torch.float64),
+    }
+    assert non_finite_tensors(good | bad) == list(bad)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_non_finite_head_is_refused_and_nothing_is_loaded(tmp_path, fmt):
+    source = randomize_(ClsPatchConcatHead(64, 5), seed=1)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["head.weight"][2, 7] = float("nan")
+    state["norm.running_var"][4] = float("inf")
+    if fmt == "pth":
+        path = save_pth({"model": state, "epoch": 3}, tmp_path / "head.pth")
+    else:
+        source.load_state_dict(state)
+        path = save_head(source, tmp_path / "head.safetensors", metadata={})
+    target = randomize_(ClsPatchConcatHead(64, 5), seed=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    for strict in (True, False):
+        err = expect_error("NaN or Inf", load_head_state, path, target, strict=strict)
+        order = "norm.running_var, head.weight" if fmt == "pth" else "head.weight, norm.running_var"  # file order
+        assert err.message == f"{path}: 2 tensor(s) hold NaN or Inf values: {order}"
+    assert_same(target.state_dict(), before)

@@ -24,7 +24,7 @@ from internvit.classification.heads import HEADS
 from internvit.data.imagenet_meta import imagenet_1k_categories
 from internvit.errors import InternViTError
 from internvit.model import InternViT
-from internvit.weights.files import RawCheckpoint, download, read_checkpoint
+from internvit.weights.files import RawCheckpoint, check_finite, download, read_checkpoint
 from internvit.weights.keymaps import WRAPPER_KEYS, unwrap
 from internvit.weights.tags import HEAD_TAGS
 
@@ -175,8 +175,9 @@ def load_head_state(
 
     Layouts: {"model": state, ...} (with optional model_ema / optimizer / epoch / yacs config), a bare state dict,
     `module.`-prefixed keys, or save_head() safetensors. Backbone keys of a full-model checkpoint are ignored and
-    reported. Strict by default. Returns a report: source, entry, num_loaded, missing, unexpected, mismatched,
-    ignored (key -> reason), metadata (safetensors header) and info (top-level scalars such as epoch).
+    reported. Strict by default; head tensors holding NaN / Inf are always refused. Returns a report: source, entry,
+    num_loaded, missing, unexpected, mismatched, ignored (key -> reason), metadata (safetensors header) and info
+    (top-level scalars such as epoch).
     """
     raw, state, entry = _read_head_state(source, use_ema)
     own = head.state_dict()
@@ -204,6 +205,7 @@ def load_head_state(
     if strict and (missing or unexpected or mismatched):
         raise _mismatch_error(report, head, state)
     loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    check_finite(loadable, raw.files[0])
     head.load_state_dict(loadable, strict=False)
     report["num_loaded"] = len(loadable)
     if ignored:

@@ -1,4 +1,4 @@
-"""Reading and writing whole-segmentor checkpoints in the mmseg key layout of the original (REFERENCE §5.9).
+"""Reading and writing whole-segmentor checkpoints in the mmseg key layout of the original (docs/protocol.md §5.9).
 
 The released files are bare state dicts taken from a DeepSpeed-style `module` entry (`release.py`); mmcv training
 checkpoints wrap the same dict as `{"meta": ..., "state_dict": ..., "optimizer": ...}`. All are read safely
@@ -51,7 +51,7 @@ from internvit.engine.config import load_config, to_dict
 from internvit.errors import InternViTError
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.segmentor import Segmentor
-from internvit.weights.files import read_checkpoint
+from internvit.weights.files import check_finite, read_checkpoint
 from internvit.weights.keymaps import WRAPPER_KEYS, detect_layout, unwrap
 
 __all__ = [
@@ -245,7 +245,8 @@ def save_segmentor(
 
 
 def load_segmentor_weights(segmentor: Segmentor, source: str) -> None:
-    """Load a released mmseg checkpoint or one of ours: heads, FPN and (when present) the fine-tuned backbone."""
+    """Load a released mmseg checkpoint or one of ours: heads, FPN and (when present) the fine-tuned backbone;
+    refused when a tensor holds NaN / Inf."""
     parts, report = load_segmentation_checkpoint(source)
     fpn = {f"fpn.{k}": v for k, v in parts.pop("fpn", {}).items()}  # mmseg keeps the adapter under backbone.up*
     state = join_segmentor_state(parts) | fpn
@@ -259,6 +260,7 @@ def load_segmentor_weights(segmentor: Segmentor, source: str) -> None:
             f"mismatched {mismatched[:3]}",
             fix="use the head / fpn / out_indices settings the checkpoint was trained with",
         )
+    check_finite(state, source)
     segmentor.load_state_dict(state, strict=False)
     log.info("loaded %d tensors from %s", len(state), source)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,20 +12,11 @@ from safetensors.torch import save_file
 from internvit.atomic import atomic_path
 from internvit.errors import InternViTError
 from internvit.model import InternViTConfig
+from internvit.weights.files import content_sha256, non_finite_tensors
 from internvit.weights.loading import infer_architecture, match_presets, read_native, resolve_preset
 
 FORMAT = "internvit"
 FORMAT_VERSION = "1"
-
-
-def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and raw bytes, in sorted key order: independent of file framing."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def convert_checkpoint(
@@ -48,7 +38,7 @@ def convert_checkpoint(
         )
     if dst.exists() and not overwrite:
         raise InternViTError(f"{dst} already exists", fix="pass --force to overwrite it, or choose another name")
-    native, raw = read_native(src)
+    native, raw = read_native(src, preset=preset)
     name = resolve_preset(native, preset, raw)
     tensors = {**native.state, **native.extras}
     if dtype is not None:
@@ -68,23 +58,36 @@ def convert_checkpoint(
 
 
 def inspect_checkpoint(source: str | Path) -> dict[str, object]:
-    """Layout, matching presets, dtypes, sizes and (for our files) an integrity check of a checkpoint."""
-    native, raw = read_native(source)
+    """Layout, matching presets, dtypes, sizes and integrity of a checkpoint: reported, never refused.
+
+    `non_finite_tensors` lists the floating tensors holding NaN / Inf (which loading refuses); our files also get
+    `sha256_ok` (their content_sha256, which loading verifies); a header preset that does not fit the shapes gives
+    `preset` None and the reason in `preset_error`.
+    """
+    native, raw = read_native(source, verify_hash=False, header_check=False)  # report problems, do not refuse
     arch = infer_architecture(native.state)
     tensors = {**native.state, **native.extras}
+    try:
+        preset = resolve_preset(native, None, raw) if match_presets(arch) or "preset" in raw.metadata else None
+        preset_error = None
+    except InternViTError as e:
+        preset, preset_error = None, e.message
     info: dict[str, object] = {
         "source": str(source),
         "files": [str(f) for f in raw.files],
         "bytes_on_disk": raw.num_bytes,
         "layout": native.layout,
-        "preset": resolve_preset(native, None, raw) if match_presets(arch) or "preset" in raw.metadata else None,
+        "preset": preset,
         "presets_matching": match_presets(arch),
         "architecture": arch,
         "num_tensors": len(tensors),
         "num_backbone_params": sum(t.numel() for t in native.state.values()),
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
         "set_aside": sorted(native.set_aside),
+        "non_finite_tensors": non_finite_tensors(tensors),
     }
+    if preset_error is not None:
+        info["preset_error"] = preset_error
     if raw.metadata.get("format") == FORMAT:
         info["metadata"] = raw.metadata
         info["sha256_ok"] = content_sha256(tensors) == raw.metadata.get("content_sha256")

@@ -1,14 +1,23 @@
-"""Reading checkpoint files: .pth/.bin pickles (weights_only), safetensors, sharded index folders, hub repos."""
+"""Reading checkpoint files: .pth/.bin pickles (weights_only), safetensors, sharded index folders, hub repos.
+
+Integrity checks live here too, shared by every loader: shard indexes may only name files inside their own folder;
+our safetensors files carry a `content_sha256` (see `content_sha256`) that is verified whenever they are read, unless
+`verify_hash=False` or the environment variable INTERNVIT_SKIP_HASH_CHECK=1; `check_finite` refuses NaN / Inf weights.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import SafetensorError, safe_open
@@ -20,7 +29,11 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SKIP_HASH_ENV = "INTERNVIT_SKIP_HASH_CHECK"  # "1": do not verify content_sha256 (saves one pass over the bytes)
+HASH_CHUNK_BYTES = 64 << 20  # content_sha256 hashes at most this much of a tensor at a time (never a whole copy)
 _REDOWNLOAD = "the file is corrupt or truncated: download or convert it again"
+_BAD_INDEX = "download the index again, or rewrite its weight_map to name the shard files next to it"
+_MAX_LISTED = 5
 
 
 @dataclass
@@ -35,6 +48,87 @@ class RawCheckpoint:
     @property
     def num_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+
+# ----------------------------------------------------------------------------------------------- integrity
+
+
+def _byte_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
+    """The tensor's bytes in row-major order, as views of at most HASH_CHUNK_BYTES (or one row, if longer); a
+    contiguous CPU tensor is never copied, any other is copied one chunk at a time."""
+    t = t.detach().reshape(1) if t.ndim == 0 else t.detach()
+    row_bytes = max(1, t[0].numel() * t.element_size()) if t.shape[0] else 1
+    step = max(1, HASH_CHUNK_BYTES // row_bytes)
+    for start in range(0, t.shape[0], step):
+        yield t[start : start + step].cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in sorted key order: independent of file framing.
+
+    For each key: the line `f"{key}|{dtype}|{tuple(shape)}\\n"`, then the tensor's bytes in row-major order (native
+    byte order), streamed in chunks of at most HASH_CHUNK_BYTES, so hashing needs no second copy of the weights.
+    This is what `convert` writes into our files' metadata and what reading them verifies.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        for chunk in _byte_chunks(t):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_check_enabled(verify_hash: bool = True) -> bool:
+    """Whether to verify content_sha256: `verify_hash`, unless INTERNVIT_SKIP_HASH_CHECK=1 turns it off everywhere."""
+    value = os.environ.get(SKIP_HASH_ENV, "").strip().lower()
+    if not verify_hash or value in ("", "0", "false", "no", "off"):
+        return verify_hash
+    if value in ("1", "true", "yes", "on"):
+        return False
+    raise InternViTError(
+        f"{SKIP_HASH_ENV}={os.environ[SKIP_HASH_ENV]!r} is neither 1 nor 0",
+        fix=f"set {SKIP_HASH_ENV}=1 to skip the content_sha256 check of our safetensors files, or unset it",
+    )
+
+
+def _verify_content_hash(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    expected = metadata.get("content_sha256")
+    if expected and content_sha256(tensors) != expected:
+        raise InternViTError(
+            f"{path}: its tensors do not match the content_sha256 in its header: "
+            "the file was modified or corrupted after it was written",
+            fix=f"download or convert it again (`internvit convert SRC {path.name} --force`); "
+            f"to load it as it is, set {SKIP_HASH_ENV}=1",
+        )
+
+
+def _is_finite(t: torch.Tensor) -> bool:
+    if t.element_size() == 1:  # float8: torch.isfinite has no kernel for some of them (e4m3fn)
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an Inf, in the mapping's order."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not _is_finite(t)]
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights with NaN / Inf values (a diverged run, a broken conversion), naming the first such tensors."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        shown = ", ".join(bad[:_MAX_LISTED]) + (
+            f", ... ({len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
+        )
+        raise InternViTError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or Inf values: {shown}",
+            fix="these weights are broken (a diverged run or a failed conversion): use an earlier checkpoint, "
+            "or download / convert the file again",
+        )
+
+
+# ----------------------------------------------------------------------------------------------- reading
 
 
 def _load_pickle(path: Path) -> object:
@@ -61,39 +155,97 @@ def _load_pickle(path: Path) -> object:
         ) from e
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _load_safetensors(path: Path, verify_hash: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise InternViTError(f"{path}: cannot read this safetensors file ({e})", fix=_REDOWNLOAD) from e
+    if verify_hash:
+        _verify_content_hash(path, tensors, metadata)
+    return tensors, metadata
 
 
-def _load_file(path: Path) -> tuple[object, dict[str, str]]:
+def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         magic = f.read(2)
     # a zip archive (torch.save) or a legacy pickle (PROTO opcode 0x80) is a pickle whatever its suffix
     looks_pickled = magic == b"PK" or magic[:1] == b"\x80"
-    if path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and not looks_pickled):
-        return _load_safetensors(path)
+    return path.suffix == ".safetensors" or (path.suffix not in PICKLE_SUFFIXES and not looks_pickled)
+
+
+def _load_file(path: Path, verify_hash: bool) -> tuple[object, dict[str, str]]:
+    if _is_safetensors(path):
+        return _load_safetensors(path, verify_hash)
     return _load_pickle(path), {}
 
 
-def _load_index(index: Path) -> RawCheckpoint:
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where the shards of an index in `folder` (resolved) may lie: the folder, and for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/REV/`, whose files are symlinks to `../../blobs/HASH`) that repository's blobs."""
+    roots = [folder]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        roots.append(folder.parent.parent / "blobs")
+    return roots
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
+    """The weight map and the shard files of a sharded index (`*.index.json`), checked before any shard is read:
+    the index must be a JSON object with a non-empty `weight_map` of tensor name -> shard file name; every shard
+    must lie inside the index's folder (no absolute path, no `..`, no symlink out of it) and exist."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InternViTError(f"{index}: not a valid shard index (needs a 'weight_map' object)", fix=_REDOWNLOAD) from e
-    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
-    missing = [s.name for s in shards if not s.is_file()]
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InternViTError(f"{index}: not a valid shard index (not JSON: {e})", fix=_BAD_INDEX) from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InternViTError(
+            f"{index}: not a valid shard index (needs a non-empty 'weight_map' object of tensor name -> shard file)",
+            fix=_BAD_INDEX,
+        )
+    folder = index.parent.resolve()
+    roots = _allowed_roots(folder)
+    shards: dict[str, Path] = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise InternViTError(
+                f"{index}: weight_map entry {key!r} is {json.dumps(name)}, not a shard file name", fix=_BAD_INDEX
+            )
+        if name in shards:
+            continue
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise InternViTError(
+                f"{index}: weight_map entry {key!r} names {name!r}, outside the index's folder {folder}",
+                fix=_BAD_INDEX,
+            )
+        try:
+            target = (folder / rel).resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise InternViTError(
+                f"{index}: weight_map entry {key!r}: cannot resolve {name!r} ({e})", fix=_BAD_INDEX
+            ) from e
+        if not any(target.is_relative_to(root) for root in roots):
+            raise InternViTError(
+                f"{index}: weight_map entry {key!r} names {name!r}, a symlink to {target}, "
+                f"outside the index's folder {folder}",
+                fix=_BAD_INDEX,
+            )
+        shards[name] = folder / rel
+    missing = [name for name, shard in shards.items() if not shard.is_file()]
     if missing:
         raise InternViTError(
-            f"{index.parent}: shard(s) listed in {index.name} are missing: {', '.join(missing)}",
+            f"{index}: {len(missing)} shard file(s) it lists are missing: {', '.join(missing)}",
             fix="download the whole repository (every shard next to the index)",
         )
+    return weight_map, list(shards.values())
+
+
+def _load_index(index: Path, verify_hash: bool) -> RawCheckpoint:
+    weight_map, shards = _read_index(index)
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
-        part, _ = _load_file(shard)
+        part, _ = _load_file(shard, verify_hash)
         if not isinstance(part, dict):
             raise InternViTError(f"{shard}: a shard must hold a flat state dict", fix=_REDOWNLOAD)
         tensors.update(part)
@@ -103,6 +255,25 @@ def _load_index(index: Path) -> RawCheckpoint:
             f"{index.parent}: {len(absent)} tensor(s) in the index are in no shard, e.g. {absent[0]}", fix=_REDOWNLOAD
         )
     return RawCheckpoint(tensors, [index, *shards])
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]] | None:
+    """The safetensors header(s) of a checkpoint file or shard index, without reading any tensor data: the metadata
+    (of a single file) and every tensor as an empty "meta" tensor of its shape; None when a file is a pickle."""
+    files = _read_index(path)[1] if path.name.endswith(".index.json") else [path]
+    if not all(_is_safetensors(f) for f in files):
+        return None
+    metadata: dict[str, str] = {}
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                metadata = dict(f.metadata() or {}) if len(files) == 1 else {}
+                for key in f.keys():  # noqa: SIM118
+                    state[key] = torch.empty(f.get_slice(key).get_shape(), device="meta")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InternViTError(f"{file}: cannot read this safetensors file ({e})", fix=_REDOWNLOAD) from e
+    return metadata, state
 
 
 def _find_in_dir(folder: Path) -> Path:
@@ -148,8 +319,8 @@ def looks_like_hub_id(source: str) -> bool:
     )
 
 
-def read_checkpoint(source: str | Path) -> RawCheckpoint:
-    """Read a checkpoint from a file, a folder, a named tag (`internvit-6b-224px.hf`) or a hub id (`org/name`)."""
+def locate_checkpoint(source: str | Path) -> tuple[Path, PretrainedTag | None]:
+    """The checkpoint file (or shard index) a source names, downloading a tag or hub id; and the tag, if it is one."""
     path = Path(source).expanduser()
     tag = None
     if not path.exists():
@@ -165,10 +336,23 @@ def read_checkpoint(source: str | Path) -> RawCheckpoint:
             )
     if path.is_dir():
         path = _find_in_dir(path)
+    return path, tag
+
+
+def read_checkpoint(source: str | Path, *, verify_hash: bool = True) -> RawCheckpoint:
+    """Read a checkpoint from a file, a folder, a named tag (`internvit-6b-224px.hf`) or a hub id (`org/name`).
+
+    A safetensors file whose metadata has a `content_sha256` (our files, written by `convert`) is verified against
+    it, streaming, and refused if it was modified or corrupted. `verify_hash=False` skips that for this call; the
+    environment variable INTERNVIT_SKIP_HASH_CHECK=1 skips it for every load (the command line included), to save
+    the extra pass over the bytes of a large file.
+    """
+    path, tag = locate_checkpoint(source)
+    verify_hash = hash_check_enabled(verify_hash)
     if path.name.endswith(".index.json"):
-        raw = _load_index(path)
+        raw = _load_index(path, verify_hash)
     else:
-        tensors, metadata = _load_file(path)
+        tensors, metadata = _load_file(path, verify_hash)
         raw = RawCheckpoint(tensors, [path], metadata)
     raw.tag = tag
     return raw

@@ -1,4 +1,4 @@
-"""Key maps between our layout and every foreign checkpoint layout (REFERENCE §1.8, §1.10), in one place.
+"""Key maps between our layout and every foreign checkpoint layout (docs/protocol.md §1.8, §1.10), in one place.
 
 Our layout is the original InternVL `.pth` layout (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.*`).
 Foreign layouts:

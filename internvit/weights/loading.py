@@ -12,7 +12,7 @@ from torch import nn
 
 from internvit.errors import InternViTError
 from internvit.model import PRESETS, InternViT, InternViTConfig, build_model, get_config, resize_pos_embed
-from internvit.weights.files import RawCheckpoint, read_checkpoint
+from internvit.weights.files import RawCheckpoint, check_finite, locate_checkpoint, read_checkpoint, read_header
 from internvit.weights.keymaps import NativeState, to_native, unwrap
 
 log = logging.getLogger(__name__)
@@ -83,17 +83,74 @@ def match_presets(arch: dict[str, object]) -> list[str]:
     return sorted(fits, key=lambda n: PRESETS[n].img_size != arch["img_size"])
 
 
-def check_fits(arch: dict[str, object], preset: str) -> None:
-    """Raise a clear error if a checkpoint cannot be loaded into `preset` (resolution differences are fine)."""
+def _first_shape_mismatch(state: dict[str, torch.Tensor], preset: str) -> str:
+    """`; e.g. KEY: checkpoint SHAPE vs preset SHAPE` for the first tensor whose shape differs from the preset's
+    (built on the meta device: no memory); position embedding and patch kernel are resized on load, so not compared."""
+    with torch.device("meta"):
+        own = InternViT(get_config(preset)).state_dict()
+    for key, want in own.items():
+        have = state.get(key)
+        if key not in ("pos_embed", "patch_embed.proj.weight") and have is not None and have.shape != want.shape:
+            return f"; e.g. {key}: checkpoint {tuple(have.shape)} vs preset {tuple(want.shape)}"
+    return ""
+
+
+def _fit_problems(arch: dict[str, object], preset: str, state: dict[str, torch.Tensor] | None) -> str | None:
     config = get_config(preset)
     diffs = [f"{f} {arch[f]} vs {getattr(config, f)}" for f in _INFERABLE if getattr(config, f) != arch[f]]
-    if diffs:
-        fits = match_presets(arch)
-        hint = f"use preset {fits[0]!r}" if fits else "pass the preset this checkpoint was trained with"
+    if not diffs:
+        return None
+    shape = _first_shape_mismatch(state, preset) if state is not None else ""
+    return f"{'; '.join(diffs)} (checkpoint vs preset){shape}"
+
+
+def _fit_hint(arch: dict[str, object]) -> str:
+    fits = match_presets(arch)
+    return f"use preset {fits[0]!r}" if fits else "pass the preset this checkpoint was trained with"
+
+
+def check_fits(arch: dict[str, object], preset: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise a clear error if a checkpoint cannot be loaded into `preset` (resolution differences are fine); with
+    the checkpoint's (native-layout) `state`, the error also shows the first tensor of the wrong shape."""
+    problems = _fit_problems(arch, preset, state)
+    if problems:
         raise InternViTError(
-            f"checkpoint does not fit preset {preset!r}: {'; '.join(diffs)} (checkpoint vs preset)",
-            fix=f"{hint}, or omit the preset to detect it",
+            f"checkpoint does not fit preset {preset!r}: {problems}",
+            fix=f"{_fit_hint(arch)}, or omit the preset to detect it",
         )
+
+
+def _check_named_preset(path: Path, named: str, arch: dict[str, object], state: dict[str, torch.Tensor]) -> None:
+    """Raise a clear error if the preset a file's header names does not fit its tensor shapes."""
+    problems = _fit_problems(arch, named, state)
+    if problems:
+        raise InternViTError(
+            f"{path}: its header names preset {named!r}, but its tensors do not fit it: {problems}",
+            fix=f"the header is wrong: {_fit_hint(arch)} (pass it as the preset), or convert the original checkpoint "
+            "again",
+        )
+
+
+def check_header(path: Path, preset: str | None = None) -> None:
+    """Check the preset to build against the tensor shapes in a safetensors header (no tensor data is read), so a
+    wrong one fails at once instead of after reading the weights and building the model. The preset is `preset`
+    (asked for, or a tag's), else the one our files name in their metadata; pickles have no header: nothing to do."""
+    header = read_header(path)
+    if header is None:
+        return
+    metadata, shapes = header
+    named = metadata.get("preset") if metadata.get("preset") in PRESETS else None
+    if (preset or named) is None:
+        return
+    try:
+        state = to_native(unwrap(shapes)).state
+        arch = infer_architecture(state)
+    except InternViTError:
+        return  # not a backbone: reading it says so, with the same error
+    if preset is not None:
+        check_fits(arch, preset, state)
+        return
+    _check_named_preset(path, named, arch, state)
 
 
 def _adapt_shapes(state: dict[str, torch.Tensor], model: InternViT, report: LoadReport) -> dict[str, torch.Tensor]:
@@ -138,9 +195,19 @@ def load_state_into(model: nn.Module, native: NativeState, *, strict: bool = Tru
     return report
 
 
-def read_native(source: str | Path) -> tuple[NativeState, RawCheckpoint]:
-    """Read any supported checkpoint and bring it into our layout; also returns what was read (files, metadata)."""
-    raw = read_checkpoint(source)
+def read_native(
+    source: str | Path, *, preset: str | None = None, verify_hash: bool = True, header_check: bool = True
+) -> tuple[NativeState, RawCheckpoint]:
+    """Read any supported checkpoint and bring it into our layout; also returns what was read (files, metadata).
+
+    With `header_check`, a safetensors checkpoint's shapes are first checked against `preset` (else a tag's, else
+    the preset in its header) from the header alone (`check_header`). `verify_hash`: see `read_checkpoint`.
+    """
+    path, tag = locate_checkpoint(source)
+    if header_check:
+        check_header(path, preset or (tag.preset if tag else None))
+    raw = read_checkpoint(path, verify_hash=verify_hash)
+    raw.tag = tag
     return to_native(unwrap(raw.tensors)), raw
 
 
@@ -149,10 +216,12 @@ def resolve_preset(native: NativeState, preset: str | None, raw: RawCheckpoint) 
     arch = infer_architecture(native.state)
     preset = preset or (raw.tag.preset if raw.tag else None)
     if preset is not None:
-        check_fits(arch, preset)
+        check_fits(arch, preset, native.state)
         return preset
-    if raw.metadata.get("preset") in PRESETS:
-        return raw.metadata["preset"]
+    named = raw.metadata.get("preset")
+    if named in PRESETS:
+        _check_named_preset(raw.files[0], named, arch, native.state)
+        return named
     fits = match_presets(arch)
     if not fits:
         shown = ", ".join(f"{k}={v}" for k, v in arch.items())
@@ -181,13 +250,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     strict: bool = True,
     drop_path_rate: float = 0.0,
+    verify_hash: bool = True,
 ) -> tuple[InternViT, LoadReport]:
     """Build the right preset and load a checkpoint of any layout into it.
 
     `img_size` defaults to the checkpoint's own resolution (the grid of its pos_embed), so nothing is resized
-    unless asked for; a different size resizes the position embedding once, bicubically (REFERENCE §1.7).
+    unless asked for; a different size resizes the position embedding once, bicubically (docs/protocol.md §1.7).
+
+    Checked before any model is built: the preset against a safetensors header's shapes (no data read), the
+    `content_sha256` of our safetensors files (`verify_hash=False`, or INTERNVIT_SKIP_HASH_CHECK=1 in the
+    environment, skips this pass over the bytes), and that no floating tensor holds NaN / Inf.
     """
-    native, raw = read_native(source)
+    native, raw = read_native(source, preset=preset, verify_hash=verify_hash)
+    check_finite(native.state, raw.files[0])
     preset = resolve_preset(native, preset, raw)
     config: InternViTConfig = get_config(preset).replace(drop_path_rate=drop_path_rate)
     img_size = img_size or int(infer_architecture(native.state)["grid_size"]) * config.patch_size

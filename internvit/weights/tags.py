@@ -61,5 +61,5 @@ def resolve_tag(name: str) -> PretrainedTag | None:
     return TAGS.get(name) or TAGS.get(DEFAULT_TAGS.get(name, ""))
 
 
-# Released classification heads (REFERENCE §1.9): name -> (hub repo, file).
+# Released classification heads (docs/protocol.md §1.9): name -> (hub repo, file).
 HEAD_TAGS = {"internvit-6b-224px.head": ("OpenGVLab/InternVL", "intern_vit_6b_224px_head.pth")}
