@@ -19,7 +19,7 @@ from internvit.classification.config import ClassificationConfig
 from internvit.cli import main
 from internvit.demo import classification_overrides, make_demo_checkpoint
 from internvit.demo.imagenet import make_mini_imagenet
-from internvit.engine.checkpoint import Checkpointer, signature_differences
+from internvit.engine.checkpoint import Checkpointer, SingleFileBackend, signature_differences
 from internvit.engine.config import load_config
 from internvit.engine.distributed import DistInfo
 from internvit.engine.parallelize import parallelize
@@ -273,3 +273,28 @@ print("not reached", flush=True)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 128 + 2 and proc.stdout.strip() == "recorded", (proc.stdout, proc.stderr)
     assert "SIGINT: finishing this step" in proc.stderr and "second SIGINT: exiting now" in proc.stderr
+
+
+def test_resume_with_other_shapes_is_a_clear_error(tmp_path):
+    """A checkpoint whose tensors do not fit the run's objects (here: a head of another width, and optimizer
+    moments of another shape) is refused with the folder named, not a raw size-mismatch traceback."""
+    dist = DistInfo()
+    head = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    head(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    writer = Checkpointer(tmp_path, dist=dist, signature={"a": 1}, backend=SingleFileBackend(tmp_path))
+    writer.save({"head": head, "optimizer": optimizer})
+    other = torch.nn.Linear(6, 3)
+    reader = Checkpointer(tmp_path, dist=dist, signature={"a": 1}, backend=SingleFileBackend(tmp_path))
+    with pytest.raises(InternViTError, match="does not fit this run's model") as info:
+        reader.restore(reader.find(), {"head": other, "optimizer": torch.optim.SGD(other.parameters(), lr=0.1)})
+    assert str(tmp_path) in info.value.message and "config.yaml" in info.value.fix
+    # the same shapes, but optimizer moments of another shape (torch itself would accept them)
+    stored = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    stored["objects"]["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(5)
+    torch.save(stored, tmp_path / "checkpoint.pth")
+    reader = Checkpointer(tmp_path, dist=dist, signature={"a": 1}, backend=SingleFileBackend(tmp_path))
+    fresh = torch.nn.Linear(4, 3)
+    with pytest.raises(InternViTError, match="optimizer state momentum_buffer of parameter 0 has shape"):
+        reader.restore(reader.find(), {"head": fresh, "optimizer": torch.optim.SGD(fresh.parameters(), lr=0.1)})

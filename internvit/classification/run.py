@@ -15,12 +15,11 @@ import torch
 from internvit.classification.build import build_backbone, new_head
 from internvit.classification.checkpoints import head_metadata, load_head_state, read_head_file, save_head
 from internvit.classification.config import CUSTOM_SET, ClassificationConfig, TrainConfig
-from internvit.classification.evaluate import build_eval_sets, evaluate_sets
+from internvit.classification.evaluate import build_eval_sets, build_train_set, evaluate_sets
 from internvit.classification.heads import build_head
 from internvit.classification.recipe import ProbeRecipe, accumulation_steps, run_signature
 from internvit.data import build_eval_transform, build_train_transform, load_image
-from internvit.data.custom import CustomSplit
-from internvit.data.imagenet import ImageClassificationDataset, build_dataset, collate_skip_none
+from internvit.data.imagenet import ImageClassificationDataset, collate_skip_none
 from internvit.data.imagenet_meta import few
 from internvit.data.images import expand_image_inputs
 from internvit.engine.checkpoint import open_run
@@ -59,19 +58,8 @@ class TrainData:
 
 
 def _train_set(cfg: ClassificationConfig) -> ImageClassificationDataset:
-    """IN-1K train, or the train/ split of data.custom when that is set."""
-    transform = build_train_transform(cfg.backbone.img_size)
-    if cfg.data.custom:
-        return CustomSplit(
-            cfg.data.custom,
-            "train",
-            classes_file=cfg.data.custom_classes or None,
-            transform=transform,
-            skip_corrupt=cfg.data.skip_corrupt,
-        )
-    return build_dataset(
-        "in1k", cfg.data.imagenet, split="train", transform=transform, skip_corrupt=cfg.data.skip_corrupt
-    )
+    """IN-1K train, or the train/ split of data.custom when that is set, with the training transform."""
+    return build_train_set(cfg.data, build_train_transform(cfg.backbone.img_size))
 
 
 def _check_num_classes(cfg: ClassificationConfig, dataset: ImageClassificationDataset) -> None:
@@ -151,7 +139,7 @@ def _backbone_and_head(cfg: ClassificationConfig, device: torch.device):
 
 def _optimisation(head: torch.nn.Module, t: TrainConfig, *, steps_per_epoch: int):
     """SGD (Nesterov) over the trainable head parameters and timm's per-step cosine, both scaled to the global batch."""
-    lr_scale = t.global_batch / t.lr_ref_batch  # lr, warmup lr and min lr all scale with it (REFERENCE §4.1)
+    lr_scale = t.global_batch / t.lr_ref_batch  # lr, warmup lr and min lr all scale with it (docs/protocol.md §4.1)
     lr = t.base_lr * lr_scale
     params = [p for p in head.parameters() if p.requires_grad]  # a frozen clip_projector stays out
     optimizer = torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
@@ -218,7 +206,12 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
             t,
             cfg.head,
             cfg.backbone.precision,
-            backbone=checkpoint_identity(cfg.backbone.checkpoint),
+            # the file, and what shapes its features: a head is never continued on other features
+            backbone={
+                **checkpoint_identity(cfg.backbone.checkpoint),
+                "preset": cfg.backbone.preset,
+                "img_size": cfg.backbone.img_size,
+            },
             world_size=dist.world_size,
             steps_per_epoch=data.steps_per_epoch,
             accum=data.accum,

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -212,6 +213,20 @@ def signature_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def _check_optimizer_shapes(name: str, obj: object, state: dict) -> None:
+    """torch's Optimizer.load_state_dict accepts moment buffers of other shapes (the step fails later): refuse them."""
+    if not isinstance(obj, torch.optim.Optimizer):
+        return
+    params = [p for group in obj.param_groups for p in group["params"]]
+    for index, entry in state.get("state", {}).items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.ndim and value.shape != params[int(index)].shape:
+                raise ValueError(
+                    f"{name} state {key} of parameter {index} has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(params[int(index)].shape)}"
+                )
+
+
 class Checkpointer:
     """Saves and restores a run's named stateful objects under one settings signature."""
 
@@ -271,14 +286,23 @@ class Checkpointer:
                 fix="delete its checkpoint (checkpoint.pth, or the checkpoint*/ folders) to start afresh, "
                 "or choose a new output_dir",
             )
-        if sharded:
-            templates = {name: objects[name].state_dict() for name in sorted(sharded)}
-            loaded = self.backend.read_sharded(templates, point.state)
-            for name in sorted(sharded):
-                objects[name].load_state_dict(loaded[name])
-        for name, obj in objects.items():
-            if name not in sharded:
-                obj.load_state_dict(stored[name])
+        try:
+            if sharded:
+                templates = {name: objects[name].state_dict() for name in sorted(sharded)}
+                loaded = self.backend.read_sharded(templates, point.state)
+                for name in sorted(sharded):
+                    objects[name].load_state_dict(loaded[name])
+            for name, obj in objects.items():
+                if name not in sharded:
+                    obj.load_state_dict(stored[name])
+                    _check_optimizer_shapes(name, obj, stored[name])
+        except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InternViTError(
+                f"the checkpoint in {self.run_dir} does not fit this run's model ({first[:300]})",
+                fix="rerun with the settings in its config.yaml, or delete its checkpoint (checkpoint.pth, or the "
+                "checkpoint*/ folders) to start afresh, or choose a new output_dir",
+            ) from e
         point.state = None
 
     def save(self, objects: Mapping[str, Stateful]) -> None:
