@@ -32,7 +32,7 @@ def native_sd(cfg: InternViTConfig = TINY_6B, seed: int = 0) -> Tensors:
 
 
 def clip_projector(c: int, seed: int = 1) -> Tensors:
-    """The 14 InternVL-C clip_projector tensors (REFERENCE 1.8), at width c."""
+    """The 14 InternVL-C clip_projector tensors (docs/protocol.md §1.8), at width c."""
     shapes = {f"norm1_{x}.{p}": (c,) for x in "qkv" for p in ("weight", "bias")}
     shapes |= {f"cross_attn.{x}_bias": (c,) for x in "qkv"}
     shapes |= {f"cross_attn.{x}.weight": (c, c) for x in "qkv"}

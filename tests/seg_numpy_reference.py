@@ -1,4 +1,4 @@
-"""The ADE20K training and test pipelines of mmseg 0.30 (REFERENCE §5.2, §5.3) on numpy uint8 RGB images.
+"""The ADE20K training and test pipelines of mmseg 0.30 (docs/protocol.md §5.2, §5.3) on numpy uint8 RGB images.
 
 Each random step takes an explicit numpy Generator and draws in the same order and from the same distributions
 as mmseg (its global legacy `np.random` maps to `rng.random/integers/uniform`); the random streams themselves

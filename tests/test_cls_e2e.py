@@ -52,7 +52,7 @@ def test_probe_learns_and_scores_all_six_sets(mini, capsys):
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
     # 7 steps of 32 images per epoch: a record at every 10th step of each epoch, i.e. at each epoch's first step
     assert [r["step"] for r in steps[:3]] == [0, 7, 14]
-    for r in steps:  # the lr as the original logs it: after step_update(s), f(s) (timm's update order, REFERENCE §4.1)
+    for r in steps:  # the lr as the original logs it: after step_update(s), f(s) (docs/protocol.md §4.1)
         expected = cosine_lr(r["step"], base_lr=1.6 * 32 / 512, total_steps=70, warmup_steps=7)
         assert r["lr"] == pytest.approx(expected, rel=1e-12), r
     head = run / "head.safetensors"

@@ -1,4 +1,4 @@
-"""Classification heads (REFERENCE §2, §1.8-1.9): sizes, numerics against hand computations, freezing, init, files."""
+"""Classification heads (docs/protocol.md §2, §1.8-1.9): sizes, numerics by hand, freezing, init, files."""
 
 import math
 import sys

@@ -1,4 +1,4 @@
-"""Per-image classification metrics on hand-built tensors whose answers are known by hand (REFERENCE §3.2, §3.5)."""
+"""Per-image classification metrics on hand-built tensors with answers known by hand (docs/protocol.md §3.2, 3.5)."""
 
 import pytest
 import torch

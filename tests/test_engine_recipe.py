@@ -95,7 +95,7 @@ def test_scheduler_textbook_order():
 
 
 def test_cosine_jumps_at_end_of_warmup():
-    """REFERENCE §4.1: 1251 iters/epoch, 10 epochs, base 0.2 -> ~0.1998 at the last warmup step, then 0.1951."""
+    """docs/protocol.md §4.1: 1251 iters/epoch, 10 epochs, base 0.2 -> ~0.1998 at the last warmup step, then 0.1951."""
     fn = functools.partial(cosine_lr, base_lr=0.2, total_steps=12510, warmup_steps=1251)
     assert fn(1250) == pytest.approx(0.2 * 1250 / 1251, abs=1e-15)
     assert fn(1250) == pytest.approx(0.19984, abs=1e-5)

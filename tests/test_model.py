@@ -168,7 +168,7 @@ def test_autocast_keeps_fp32_residual_stream(tiny_model):
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_model(x)
-    assert out.dtype == torch.float32  # fp32 cls token + fp32 LayerScale keep the stream fp32 (REFERENCE §1.4)
+    assert out.dtype == torch.float32  # fp32 cls token + fp32 LayerScale keep the stream fp32 (docs/protocol.md §1.4)
     with torch.no_grad():
         ref = tiny_model(x)
         bf16 = build_model(TINY_6B, dtype=torch.bfloat16, init=False)

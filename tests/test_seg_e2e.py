@@ -112,7 +112,7 @@ def test_linear_probe_learns_and_evaluates(ade, tmp_path, capsys):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_paper_setting_runs(ade, tmp_path, config):
-    """The eight settings of REFERENCE §5.9 through the CLI, scaled to the debug backbone (4 blocks, 64 wide)."""
+    """The eight settings of docs/protocol.md §5.9 through the CLI, scaled to the debug backbone (4 blocks, 64 wide)."""
     data, checkpoint = ade
     text = config.read_text()
     extra = {

@@ -1,4 +1,4 @@
-"""Segmentation heads, FPN adapter, loss and segmentor (REFERENCE §5.3, §5.5, §5.6): sizes, names, numerics."""
+"""Segmentation heads, FPN adapter, loss and segmentor (docs/protocol.md §5.3, §5.5, §5.6): sizes, names, numerics."""
 
 import math
 import random

@@ -1,4 +1,4 @@
-"""ADE20K mIoU (REFERENCE §5.4, §5.9): histograms and summaries against hand-computed answers."""
+"""ADE20K mIoU (docs/protocol.md §5.4, §5.9): histograms and summaries against hand-computed answers."""
 
 import math
 import warnings

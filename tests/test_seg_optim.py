@@ -1,4 +1,5 @@
-"""Segmentation optimizer (REFERENCE §5.7): BEiT layer ids, layer-decay LR scales, weight-decay groups, poly warmup."""
+"""Segmentation optimizer (docs/protocol.md §5.7): BEiT layer ids, layer-decay LR scales, weight-decay groups, poly
+warmup."""
 
 import functools
 import math

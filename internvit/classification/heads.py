@@ -1,4 +1,4 @@
-"""Classification heads on the frozen backbone's last-block tokens (REFERENCE §2); their files: checkpoints.py.
+"""Classification heads on the frozen backbone's last-block tokens (docs/protocol.md §2); their files: checkpoints.py.
 
 Every head maps (B, 1+N, C) tokens, cls first, to (B, num_classes) logits as `head(norm(pool(tokens)))`. Parameter
 names follow the original InternVL classifier (`attn_pooling.*`, `clip_projector.*`, `norm.*`, `head.*`), so the

@@ -1,4 +1,4 @@
-"""Exact per-sample classification scoring (REFERENCE §3.2, §3.5).
+"""Exact per-sample classification scoring (docs/protocol.md §3.2, §3.5).
 
 Every function returns one boolean per image rather than a batch average, so that a distributed evaluation can
 gather the per-image results (dropping sampler padding) and count every image exactly once.
@@ -12,7 +12,8 @@ import torch
 
 # Top-1 % of the paper's InternViT-6B linear probe (cls_patch_concat, 224px), README summary table (§6.1).
 PAPER_RESULTS: dict[str, float] = {"in1k": 88.2, "real": 90.4, "v2": 79.9, "a": 77.5, "r": 89.8, "sketch": 69.1}
-# The released head's printed (Acc@1, Acc@5) per set (REFERENCE §6.1): cls_patch_concat on the 224px model at 224 px.
+# The released head's printed (Acc@1, Acc@5) per set (docs/protocol.md §6.1): cls_patch_concat on the 224px model at
+# 224 px.
 PAPER_RESULTS_DETAILED: dict[str, tuple[float, float]] = {
     "in1k": (88.230, 98.474),
     "real": (90.437, 98.567),

@@ -1,4 +1,4 @@
-"""The paper's probe training (REFERENCE §4.1) as a recipe for the engine's loop, resumable epoch by epoch.
+"""The paper's probe training (docs/protocol.md §4.1) as a recipe for the engine's loop, resumable epoch by epoch.
 
 Micro-batches -> Mixup/CutMix with smoothed targets -> frozen features (no grad) -> head loss; the loop accumulates
 them to the global batch. Every source of randomness is reseeded per epoch and rank, so an epoch replays exactly.

@@ -1,4 +1,4 @@
-"""ADE20K (ADEChallengeData2016, REFERENCE §5.1): the 150 classes, their palette, and the release's folder layout.
+"""ADE20K (ADEChallengeData2016, docs/protocol.md §5.1): the 150 classes, their palette, the release's layout.
 
 `ADE20K` is the generic `SegmentationFolder` with mmseg's ADE20K settings: *.jpg images, raw labels 0 ("other",
 ignored) to 150 reduced to 0..149 (reduce_zero_label), splits "training" and "validation".

@@ -1,7 +1,7 @@
 """ImageNet-1K (train/val, ReaL) and its test variants (V2, Sketch, A, R) in the layouts users have on disk.
 
 Every dataset yields `(image, target, index)`, where index is the sample's position in the dataset, so that
-predictions gathered from several ranks can be put back in order and scored exactly (REFERENCE §3.1, §3.5).
+predictions gathered from several ranks can be put back in order and scored exactly (docs/protocol.md §3.1, §3.5).
 
 Undecodable images raise an InternViTError naming the file. With `skip_corrupt=True` such an image is logged,
 counted in `dataset.skipped` (per process: DataLoader workers keep their own) and returned as None; use
@@ -303,7 +303,7 @@ def _ar_indices(
             f"only the real dataset's {len(reference)} wnid folders can be mapped to 1k logits",
             fix="pass wnids= the IN-1K wnid list (e.g. load_wnids(<imagenet-1k>/train))",
         )
-    log.info("%s: no IN-1K wnid list given; using the 1k indices of REFERENCE §3.2", what)
+    log.info("%s: no IN-1K wnid list given; using the 1k indices of docs/protocol.md §3.2", what)
     return list(reference), 1000
 
 

@@ -24,7 +24,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 log = logging.getLogger(__name__)
 
-# 1k indices (sorted-wnid order) of the 200 ImageNet-A / ImageNet-R classes, copied from REFERENCE §3.2
+# 1k indices (sorted-wnid order) of the 200 ImageNet-A / ImageNet-R classes, copied from docs/protocol.md §3.2
 # (EVA-02's imagenet_a_r_indices.py, originally Hendrycks et al.); 86 indices are common to both.
 IMAGENET_A_INDICES: tuple[int, ...] = (
     6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105, 107,
@@ -120,7 +120,7 @@ def load_wnids(source: str | Path) -> list[str]:
 
 
 def load_val_list(path: str | Path) -> list[tuple[str, int]]:
-    """Read a val.txt-style list: one `<relative file name> <label>` per line (REFERENCE §8)."""
+    """Read a val.txt-style list: one `<relative file name> <label>` per line (docs/protocol.md §8)."""
     path = Path(path)
     entries = []
     for num, line in enumerate(_read_text(path, "labels file").splitlines(), 1):

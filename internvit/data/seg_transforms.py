@@ -1,4 +1,4 @@
-"""The segmentation training and test pipelines of mmseg 0.30 (REFERENCE §5.2, §5.3), on OpenCV as the original.
+"""The segmentation training and test pipelines of mmseg 0.30 (docs/protocol.md §5.2, §5.3), on OpenCV as the original.
 
 Images are uint8 BGR HWC arrays as `cv2.imdecode` gives them (mmcv's loader), and every step calls the OpenCV
 function mmcv calls (`cv2.resize` INTER_LINEAR / INTER_NEAREST, `cv2.cvtColor` BGR<->HSV, flips);

@@ -1,4 +1,4 @@
-"""Image transforms of the classification protocol (REFERENCE §3.3)."""
+"""Image transforms of the classification protocol (docs/protocol.md §3.3)."""
 
 from __future__ import annotations
 

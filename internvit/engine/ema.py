@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's whole state dict (timm ModelEma v1 semantics, REFERENCE §4.1)."""
+"""Exponential moving average of a model's whole state dict (timm ModelEma v1 semantics, docs/protocol.md §4.1)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Batch-mode Mixup/CutMix with label smoothing (timm `Mixup(mode="batch")` semantics) and the soft-target loss.
 
-The original probing recipe inherits these defaults (REFERENCE §4.1, §7.1). Randomness comes from a private
+The original probing recipe inherits these defaults (docs/protocol.md §4.1, §7.1). Randomness comes from a private
 NumPy RandomState seeded explicitly: it makes exactly timm's draws (rand, rand, beta, randint, randint, in that
 order), so a `Mixup(seed=s)` reproduces timm after `np.random.seed(s)`, and its state is saved and restored.
 """

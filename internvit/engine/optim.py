@@ -1,4 +1,5 @@
-"""AdamW with BEiT-style layer-wise LR decay and weight-decay groups, as in the original segmentation (REFERENCE §5.7).
+"""AdamW with BEiT-style layer-wise LR decay and weight-decay groups, as the original segmentation (docs/protocol.md
+§5.7).
 
 Parameter names are relative to a segmentor whose backbone sits at `backbone.` (the mmseg layout the original uses):
 `backbone.cls_token`, `backbone.pos_embed`, `backbone.patch_embed.*` -> layer 0; `backbone.blocks.{i}.*` -> i + 1;

@@ -35,8 +35,8 @@ def cosine_lr(
 
     step < warmup_steps: warmup_lr + step * (base_lr - warmup_lr) / warmup_steps (linear, reaches base_lr only at the
     end); step < total_steps: min_lr + 0.5 (base_lr - min_lr)(1 + cos(pi step / total_steps)), i.e. the cosine is NOT
-    shifted by the warmup, so the LR jumps down when warmup ends (REFERENCE §4.1); later: min_lr. The operation order
-    copies timm's `_get_lr` so values are bit-identical.
+    shifted by the warmup, so the LR jumps down when warmup ends (docs/protocol.md §4.1); later: min_lr. The operation
+    order copies timm's `_get_lr` so values are bit-identical.
     """
     _check_steps(total_steps, warmup_steps)
     if step < 0:
@@ -83,7 +83,7 @@ class StepScheduler:
     Protocol (as the original's timm scheduler): the constructor sets lr_fn(0); after the optimizer step with 0-based
     global index s, call `step_update(s)`.
 
-    - `lag_one_step=True` (default, the original InternVL classification order, REFERENCE §4.1): `step_update(s)`
+    - `lag_one_step=True` (default, the original InternVL classification order, docs/protocol.md §4.1): `step_update(s)`
       sets lr_fn(s), so the optimizer step s runs with lr_fn(max(s - 1, 0)) -- steps 0 and 1 both use lr_fn(0)
       (0 with warmup_lr 0), and the LR logged right after step s is lr_fn(s).
     - `lag_one_step=False` (textbook order, also mmcv's before-iteration hook): `step_update(s)` sets lr_fn(s + 1), so

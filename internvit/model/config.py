@@ -1,4 +1,4 @@
-"""InternViT architecture settings and the named presets (variants are data, REFERENCE §1.1, §1.6)."""
+"""InternViT architecture settings and the named presets (variants are data, docs/protocol.md §1.1, §1.6)."""
 
 from __future__ import annotations
 

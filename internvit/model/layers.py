@@ -1,4 +1,5 @@
-"""InternViT building blocks (REFERENCE §1.3): RMSNorm, full-width QK-norm attention, MLP, LayerScale, DropPath."""
+"""InternViT building blocks (docs/protocol.md §1.3): RMSNorm, full-width QK-norm attention, MLP, LayerScale,
+DropPath."""
 
 from __future__ import annotations
 

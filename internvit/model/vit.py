@@ -1,4 +1,5 @@
-"""InternViT backbone (REFERENCE §1.2): patch embed, cls token, absolute pos embed, pre-norm blocks, no final norm."""
+"""InternViT backbone (docs/protocol.md §1.2): patch embed, cls token, absolute pos embed, pre-norm blocks, no final
+norm."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from internvit.model.layers import Block, PatchEmbed
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Bicubically resize a (1, prefix + S*S, C) position embedding to a (h, w) grid (REFERENCE §1.7, step 2).
+    """Bicubically resize a (1, prefix + S*S, C) position embedding to a (h, w) grid (docs/protocol.md §1.7, step 2).
 
     The prefix (cls) rows pass through unchanged; the square grid is resized channels-first with
     align_corners=False, in fp32, and the result is cast back to the input dtype.

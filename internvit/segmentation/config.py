@@ -1,4 +1,4 @@
-"""Typed settings of the segmentation protocols; defaults are the paper's ADE20K linear probe (REFERENCE §5.5-5.7)."""
+"""Typed settings of the segmentation protocols; defaults: the ADE20K linear probe (docs/protocol.md §5.5-5.7)."""
 
 from __future__ import annotations
 

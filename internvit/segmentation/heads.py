@@ -1,4 +1,4 @@
-"""Segmentation decode heads, the FPN adapter and the mmseg loss (REFERENCE §5.5, §5.6).
+"""Segmentation decode heads, the FPN adapter and the mmseg loss (docs/protocol.md §5.5, §5.6).
 
 Every head maps fp32 feature maps to (B, num_classes, h, w) logits at the resolution of its input (the loss and the
 sliding-window inference upsample them). BatchNorm layers are plain BatchNorm2d; the engine converts them to

@@ -1,4 +1,4 @@
-"""ADE20K mIoU with mmseg pre_eval semantics (REFERENCE §5.4): per-image histograms summed over the dataset.
+"""ADE20K mIoU with mmseg pre_eval semantics (docs/protocol.md §5.4): per-image histograms summed over the dataset.
 
 Counts are exact int64 (mmseg's histc counts in fp32); the ratios are computed in float64 and reported x100,
 rounded to 2 decimals with numpy's rounding, as mmseg does.

@@ -1,4 +1,5 @@
-"""Iteration-based segmentation training (REFERENCE §5.7) as a recipe for the engine's loop: exact resume mid-epoch.
+"""Iteration-based segmentation training (docs/protocol.md §5.7) as a recipe for the engine's loop: exact mid-epoch
+resume.
 
 AdamW with layer decay and the poly schedule are built in run.py; this module supplies the few-shot subset, the
 settings signature, and the step function (seeded per iteration and rank, so dropout and drop path replay on resume).

@@ -1,4 +1,4 @@
-"""Encoder-decoder segmentor on InternViT taps, and mmseg's sliding-window inference (REFERENCE §5.3, §5.5, §5.6).
+"""Encoder-decoder segmentor on InternViT taps and mmseg's sliding-window inference (docs/protocol.md §5.3, 5.5, 5.6).
 
 Module names follow the released mmseg checkpoints (`backbone.*`, `decode_head.*`, `auxiliary_head.*`), except the
 FPN adapter: the original builds it inside the backbone (`backbone.up1.*`, `backbone.up2.*`); here it is
@@ -62,7 +62,8 @@ class Segmentor(nn.Module):
         self.auxiliary_head = aux_head
         self.aux_index = aux_index
         self.aux_weight = aux_weight
-        self.avg_non_ignore = False  # mmseg's default loss normalisation (REFERENCE §5.6); True = mean over valid
+        # mmseg's default loss normalisation (docs/protocol.md §5.6); True = mean over the valid pixels
+        self.avg_non_ignore = False
         self.ignore_index = IGNORE_INDEX  # the label value left out of the loss and the pixel accuracy
         self.backbone_autocast: torch.dtype | None = None  # set for a fine-tuned fp32 backbone run in bf16
 
