@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from internvit.classification.config import ClassificationConfig
+from internvit.classification.probing import run_extract, run_knn
 from internvit.classification.run import run_classify
 from internvit.classification.run import run_eval as run_cls_eval
 from internvit.classification.run import run_train as run_cls_train
@@ -89,6 +90,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     info["set_aside"] = f"{len(info['set_aside'])} key(s)" + (
         f", e.g. {info['set_aside'][0]}" if info["set_aside"] else ""
     )
+    bad = info["non_finite_tensors"]
+    info["non_finite_tensors"] = f"{len(bad)} tensor(s) with NaN / Inf" + (
+        f": {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''} (loading refuses this file)" if bad else ""
+    )
     for key, value in info.items():
         print(f"{key:>20}: {value}")
 
@@ -137,6 +142,18 @@ def _failed_inputs(results: list[dict], what: str) -> None:
             f"{len(failed)} of {len(results)} image(s) could not be {what}: {listed}",
             fix="replace or remove the unreadable files (the results of the others are above)",
         )
+
+
+def cmd_cls_extract(args: argparse.Namespace) -> None:
+    rows = run_extract(_classification_config(args))
+    if rows:
+        print(format_table(rows))
+
+
+def cmd_cls_knn(args: argparse.Namespace) -> None:
+    rows = run_knn(_classification_config(args))
+    if rows:
+        print(format_table(rows))
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
@@ -250,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_cls_eval)
+    p = cls_sub.add_parser(
+        "extract", help="fast mode: frozen features of features.sets, once per image, into features.out (resumable)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cls_extract)
+    p = cls_sub.add_parser("knn", help="fast mode: weighted kNN (k = 10, 20, 100, 200) on the cached features")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cls_knn)
 
     seg = sub.add_parser("seg", help="ADE20K segmentation: train / eval (linear probe, few-shot, UperNet)")
     seg_sub = seg.add_subparsers(dest="seg_command", required=True)

@@ -1,4 +1,4 @@
-"""Typed settings of the linear-probe protocol; the defaults are the paper's recipe (REFERENCE §4.1)."""
+"""Typed settings of the linear-probe protocol; the defaults are the paper's recipe (docs/protocol.md §4.1)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,49 @@ class EvalConfig:
             raise ValueError(f"eval.sets: unknown set {bad[0]!r} (valid: {', '.join((*EVAL_SETS, CUSTOM_SET))})")
 
 
+FEATURE_DTYPES = ("bf16", "fp16", "fp32")
+KNN_VARIANTS = ("cls", "mean", "cls_mean", "cls4", "cls4_mean")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """The fast mode's feature cache (`cls extract`, `cls knn`): computed once per image, not once per epoch."""
+
+    out: str = "runs/features"  # the feature folder (manifest.json + <set>/shard_*.safetensors)
+    sets: list[str] = field(default_factory=lambda: ["train", "in1k"])  # train and any test sets (or custom)
+    shard_size: int = 1024  # images per shard: the unit of resumption and of the split across processes
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 storage
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"features.shard_size must be >= 1, got {self.shard_size}")
+        if self.dtype not in FEATURE_DTYPES:
+            raise ValueError(f"features.dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
+        bad = [s for s in self.sets if s not in ("train", *EVAL_SETS, CUSTOM_SET)]
+        if bad or not self.sets:
+            valid = ", ".join(("train", *EVAL_SETS, CUSTOM_SET))
+            raise ValueError(f"features.sets: unknown set {bad[0] if bad else '(none)'!r} (valid: {valid})")
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """Weighted kNN on cached features (DINO's protocol): cosine similarity, votes exp(sim / temperature)."""
+
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    variant: str = "cls"  # cls | mean | cls_mean | cls4 | cls4_mean
+    chunk: int = 256  # test images per similarity block (memory: chunk x training images)
+
+    def __post_init__(self) -> None:
+        if not self.k or min(self.k) < 1:
+            raise ValueError(f"knn.k must be a non-empty list of positive ints, got {self.k}")
+        check_range("knn.temperature", self.temperature, low=0, low_open=True)
+        if self.variant not in KNN_VARIANTS:
+            raise ValueError(f"knn.variant must be one of {', '.join(KNN_VARIANTS)}, got {self.variant!r}")
+        if self.chunk < 1:
+            raise ValueError(f"knn.chunk must be >= 1, got {self.chunk}")
+
+
 @dataclass(frozen=True)
 class ClassificationConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -114,6 +157,8 @@ class ClassificationConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     output_dir: str = "runs/classification"
     device: str = "auto"  # auto | cuda | cpu
     RENAMED_FIELDS: ClassVar[dict] = {"train.amp": ("backbone.precision", {"none": "fp32"})}

@@ -1,7 +1,7 @@
 """Scoring heads on the six ImageNet test sets (or a custom val split), each image exactly once across all ranks.
 
-See REFERENCE §3.2, §3.5. A custom set (data.custom) is scored like IN-1K val (top-1 / top-5 over its own classes);
-its rows name it by its root folder and carry no paper numbers.
+See docs/protocol.md §3.2, §3.5. A custom set (data.custom) is scored like IN-1K val (top-1 / top-5 over its own
+classes); its rows name it by its root folder and carry no paper numbers.
 """
 
 from __future__ import annotations
@@ -61,6 +61,19 @@ def build_eval_sets(
     """The test sets by name (file indexes only: cheap, so a wrong path fails before the backbone loads)."""
     wnids = wnids or (imagenet_wnids(data) if {"a", "r"} & set(names) else None)
     return {name: build_eval_set(name, data, transform, wnids) for name in names}
+
+
+def build_train_set(data: DataConfig, transform: Callable):
+    """IN-1K train, or the train/ split of data.custom when that is set."""
+    if data.custom:
+        return CustomSplit(
+            data.custom,
+            "train",
+            classes_file=data.custom_classes or None,
+            transform=transform,
+            skip_corrupt=data.skip_corrupt,
+        )
+    return build_dataset("in1k", data.imagenet, split="train", transform=transform, skip_corrupt=data.skip_corrupt)
 
 
 def build_eval_set(name: str, data: DataConfig, transform: Callable, wnids: list[str] | None):

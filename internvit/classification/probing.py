@@ -1,0 +1,151 @@
+"""The fast probing mode: `cls extract` (frozen features once per image) and `cls knn` (weighted kNN on them).
+
+The paper mode (`cls train`) runs the backbone epochs x images times; extraction runs it once per image. Every
+result of this mode is labelled `mode: fast (cached features)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from internvit.classification.build import build_backbone
+from internvit.classification.config import ClassificationConfig
+from internvit.classification.evaluate import build_eval_sets, build_train_set, make_scorer
+from internvit.classification.features import VARIANTS, extract, feature_variant, knn_scores, load_features
+from internvit.classification.metrics import summarize
+from internvit.data.transforms import build_eval_transform
+from internvit.engine.data import resolve_num_workers
+from internvit.engine.distributed import all_gather_objects, cleanup_distributed, save_config, start_run
+from internvit.engine.results import save_results
+from internvit.errors import InternViTError
+from internvit.weights.files import checkpoint_identity
+
+log = logging.getLogger(__name__)
+FAST_MODE = "fast (cached features)"
+
+
+def feature_datasets(cfg: ClassificationConfig, transform) -> dict[str, object]:
+    """The sets named in features.sets, every one with the eval transform (file indexes only: cheap)."""
+    tests = [name for name in cfg.features.sets if name != "train"]
+    datasets = {"train": build_train_set(cfg.data, transform)} if "train" in cfg.features.sets else {}
+    return datasets | build_eval_sets(tests, cfg.data, transform)
+
+
+def manifest_settings(cfg: ClassificationConfig, transform) -> dict:
+    """What the features depend on: a feature folder made with other settings is refused."""
+    return {
+        "format": 1,
+        "backbone_file": checkpoint_identity(cfg.backbone.checkpoint),
+        "backbone": cfg.backbone.checkpoint,
+        "preset": cfg.backbone.preset,
+        "img_size": cfg.backbone.img_size,
+        "precision": cfg.backbone.precision,
+        "transform": repr(transform),
+        "dtype": cfg.features.dtype,
+        "variants": list(VARIANTS),
+        "views": 1,
+    }
+
+
+def run_extract(cfg: ClassificationConfig) -> list[dict]:
+    """Run the frozen backbone over every image of features.sets once; rows: images, shards and forwards per set."""
+    root = Path(cfg.features.out)
+    transform = build_eval_transform(cfg.backbone.img_size)
+    datasets = feature_datasets(cfg, transform)  # a wrong data path fails here, before the backbone loads
+    dist, root = start_run(root, cfg.device)
+    try:
+        save_config(cfg, root, dist, name="extract_config.yaml")
+        backbone, _ = build_backbone(
+            cfg.backbone.checkpoint,
+            preset=cfg.backbone.preset,
+            img_size=cfg.backbone.img_size,
+            device=dist.device,
+            precision=cfg.backbone.precision,
+            compile=cfg.backbone.compile,
+            fp8=cfg.backbone.fp8,
+        )
+        forwards = extract(
+            backbone,
+            datasets,
+            root,
+            manifest=manifest_settings(cfg, transform),
+            shard_size=cfg.features.shard_size,
+            batch_size=cfg.eval.batch_size,
+            num_workers=resolve_num_workers(cfg.data.num_workers),
+            dtype=cfg.features.dtype,
+            precision=cfg.backbone.precision,
+            dist=dist,
+        )
+        totals = {name: sum(part[name] for part in all_gather_objects(forwards)) for name in forwards}
+        rows = [
+            {
+                "set": name,
+                "images": len(dataset),
+                "backbone_forwards": totals[name],  # this run's: 0 for a set already extracted
+                "paper_mode_forwards": len(dataset) * cfg.train.epochs if name == "train" else len(dataset),
+                "mode": FAST_MODE,
+            }
+            for name, dataset in datasets.items()
+        ]
+        if dist.is_main:
+            save_results(rows, root, "extract_results")
+            log.info("features of %s in %s", ", ".join(datasets), root)
+        return rows if dist.is_main else []
+    finally:
+        cleanup_distributed()
+
+
+def run_knn(cfg: ClassificationConfig) -> list[dict]:
+    """Weighted kNN from the cached train features to every cached test set, each test image on one rank."""
+    root = Path(cfg.features.out)
+    tests = [name for name in cfg.features.sets if name != "train"]
+    if not tests:
+        raise InternViTError("features.sets names no test set for kNN", fix="e.g. features.sets=[train,in1k]")
+    datasets = build_eval_sets(tests, cfg.data, transform=None)  # ReaL labels and A/R masks; no images read
+    train = load_features(root, "train", ["cls", "mean", "cls4"])
+    manifest = json.loads((root / "manifest.json").read_text())
+    num_classes = manifest["sets"]["train"]["num_classes"]
+    dist, out = start_run(cfg.output_dir, cfg.device)
+    try:
+        save_config(cfg, out, dist, name="knn_config.yaml")
+        train_x = feature_variant(train, cfg.knn.variant)
+        rows = []
+        for name in tests:
+            test = load_features(root, name, ["cls", "mean", "cls4"])
+            mine = torch.arange(dist.rank, len(test["index"]), dist.world_size)
+            scores = knn_scores(
+                train_x,
+                train["target"],
+                feature_variant(test, cfg.knn.variant)[mine],
+                num_classes=num_classes,
+                ks=cfg.knn.k,
+                temperature=cfg.knn.temperature,
+                chunk=cfg.knn.chunk,
+            )
+            score = make_scorer(name, datasets[name])
+            hits = {k: score("knn", s, test["target"][mine], test["index"][mine]) for k, s in scores.items()}
+            parts = all_gather_objects(hits)
+            for k in cfg.knn.k:
+                merged = {key: torch.cat([part[k][key] for part in parts]) for key in parts[0][k]}
+                summary = summarize(merged["top1"], merged["top5"], merged.get("valid"))
+                rows.append(
+                    {
+                        "set": name,
+                        "k": k,
+                        "variant": cfg.knn.variant,
+                        "temperature": cfg.knn.temperature,
+                        "acc1": round(summary["acc1"], 3),
+                        "acc5": round(summary["acc5"], 3),
+                        "num_images": summary["num_images"],
+                        "mode": FAST_MODE,
+                    }
+                )
+        if dist.is_main:
+            save_results(rows, out, "knn_results")
+        return rows if dist.is_main else []
+    finally:
+        cleanup_distributed()

@@ -1,0 +1,130 @@
+"""The fast probing mode: feature extraction once per image (resumable, split over processes, guarded by its
+manifest) and weighted kNN on the cache, against a brute-force reference."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from internvit.classification.features import feature_variant, knn_scores, load_features
+from internvit.cli import main
+from internvit.demo import classification_overrides, make_demo_checkpoint
+from internvit.demo.imagenet import make_mini_imagenet
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probing")
+    paths = make_mini_imagenet(root / "data")
+    return root, paths, make_demo_checkpoint(root / "debug.pth")
+
+
+def settings(paths, checkpoint, out: Path, **extra) -> list[str]:
+    base = classification_overrides(paths, checkpoint, out / "results")
+    return [*base, f"features.out={out}", "features.shard_size=48", *(f"{k}={v}" for k, v in extra.items())]
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("shard_*.safetensors"))}
+
+
+def cli(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "internvit.cli"] if nproc > 1 else [sys.executable, "-m", "internvit.cli"]
+    return subprocess.run([*cmd, *args], env=ENV, capture_output=True, text=True, timeout=300, check=False)
+
+
+def brute_force_knn(train, train_y, test, num_classes, k, temperature):
+    """The weighted kNN rule written out per test sample in numpy (float64)."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    out = np.zeros((len(test), num_classes))
+    for i, query in enumerate(test):
+        sims = train @ (query / np.linalg.norm(query))
+        nearest = np.argsort(-sims, kind="stable")[:k]
+        for j in nearest:
+            out[i, train_y[j]] += np.exp(sims[j] / temperature)
+    return out
+
+
+def test_knn_equals_a_brute_force_reference():
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 16, generator=gen), torch.randn(37, 16, generator=gen)
+    train_y = torch.randint(0, 7, (300,), generator=gen)
+    scores = knn_scores(train, train_y, test, num_classes=7, ks=(1, 10, 20), temperature=0.07, chunk=8)
+    for k in (1, 10, 20):
+        expected = brute_force_knn(train.double().numpy(), train_y.numpy(), test.double().numpy(), 7, k, 0.07)
+        np.testing.assert_allclose(scores[k].double().numpy(), expected, rtol=2e-4)
+    big = knn_scores(train, train_y, test, num_classes=7, ks=(1000,))[1000]  # k beyond the training set: all of it
+    np.testing.assert_allclose(
+        big.double().numpy(), brute_force_knn(train.numpy(), train_y.numpy(), test.numpy(), 7, 300, 0.07), rtol=2e-4
+    )
+
+
+def test_extract_once_then_knn(mini, tmp_path, capsys):
+    root, paths, checkpoint = mini
+    out = tmp_path / "features"
+    args = settings(paths, checkpoint, out, **{"features.sets": "[train,in1k,real,a]"})
+    assert main(["cls", "extract", *args]) == 0
+    rows = {r["set"]: r for r in json.loads((out / "extract_results.json").read_text())}
+    assert rows["train"]["backbone_forwards"] == rows["train"]["images"] == 240  # one forward per image
+    assert rows["train"]["paper_mode_forwards"] == 240 * 10 and rows["in1k"]["backbone_forwards"] == 60
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sets"]["train"]["num_shards"] == 5 and manifest["img_size"] == 56
+    train = load_features(out, "train")
+    assert (
+        train["cls"].dtype == torch.bfloat16 and train["cls"].shape == (240, 64) and train["cls4"].shape == (240, 4, 64)
+    )
+    assert torch.equal(train["index"], torch.arange(240))
+    assert feature_variant(train, "cls_mean").shape == (240, 128) and feature_variant(train, "cls4_mean").shape == (
+        240,
+        320,
+    )
+    # a rerun finds every shard done: no forward at all
+    assert main(["cls", "extract", *args]) == 0
+    again = {r["set"]: r for r in json.loads((out / "extract_results.json").read_text())}
+    assert again["train"]["backbone_forwards"] == 0 and again["in1k"]["backbone_forwards"] == 0
+    capsys.readouterr()
+    assert main(["cls", "knn", *args, "knn.k=[1,20]"]) == 0
+    knn = json.loads((out / "results" / "knn_results.json").read_text())
+    assert {(r["set"], r["k"]) for r in knn} == {(s, k) for s in ("in1k", "real", "a") for k in (1, 20)}
+    by = {(r["set"], r["k"]): r for r in knn}
+    assert by[("in1k", 20)]["acc1"] > 50 and by[("in1k", 1)]["num_images"] == 60  # the mini classes are learnable
+    assert by[("a", 20)]["num_images"] == 15 and all(r["mode"] == "fast (cached features)" for r in knn)
+    # another resolution or transform is refused, naming what differs
+    assert main(["cls", "extract", *args, "backbone.img_size=42"]) == 2
+    assert "was made with other settings: img_size: 56 there, 42 now" in capsys.readouterr().err
+    assert main(["cls", "knn", *settings(paths, checkpoint, tmp_path / "none")]) == 2
+    assert "no manifest.json in" in capsys.readouterr().err
+
+
+def test_killed_extraction_resumes_to_identical_shards_and_two_processes_agree(mini, tmp_path):
+    root, paths, checkpoint = mini
+    reference = tmp_path / "reference"
+    assert cli(["cls", "extract", *settings(paths, checkpoint, reference)]).returncode == 0
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "internvit.cli", "cls", "extract", *settings(paths, checkpoint, run)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((run / "train").glob("shard_*.safetensors")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = set(shard_bytes(run))
+    assert 0 < len(done_before) < len(shard_bytes(reference)), "killed too late or too early"
+    resumed = cli(["cls", "extract", *settings(paths, checkpoint, run)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert shard_bytes(run) == shard_bytes(reference)  # byte for byte
+    assert not list(run.rglob(".*.tmp"))
+    two = tmp_path / "two"
+    result = cli(["cls", "extract", *settings(paths, checkpoint, two)], nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shard_bytes(two) == shard_bytes(reference)
