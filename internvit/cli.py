@@ -17,6 +17,7 @@ from internvit.classification.probing import run_extract, run_knn
 from internvit.classification.run import run_classify
 from internvit.classification.run import run_eval as run_cls_eval
 from internvit.classification.run import run_train as run_cls_train
+from internvit.classification.sweep import run_sweep
 from internvit.demo import run_demo
 from internvit.engine.config import load_config
 from internvit.engine.distributed import setup_logging
@@ -156,6 +157,13 @@ def cmd_cls_knn(args: argparse.Namespace) -> None:
         print(format_table(rows))
 
 
+def cmd_cls_sweep(args: argparse.Namespace) -> None:
+    out = run_sweep(_classification_config(args))
+    if out:
+        print(format_table([row for row in out["grid"] if row["chosen"]]))
+        print(format_table(out["results"]))
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
     results = run_classify(
         args.images, backbone=args.backbone, head=args.head, preset=args.preset, topk=args.topk, device=args.device
@@ -272,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_cls_extract)
+    p = cls_sub.add_parser(
+        "sweep", help="fast mode: a grid of linear heads on the cached features, chosen on held-out training images"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cls_sweep)
     p = cls_sub.add_parser("knn", help="fast mode: weighted kNN (k = 10, 20, 100, 200) on the cached features")
     _add_config_args(p)
     p.set_defaults(func=cmd_cls_knn)

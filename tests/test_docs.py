@@ -3,6 +3,10 @@
 import re
 from pathlib import Path
 
+from internvit.classification.config import ClassificationConfig
+from internvit.engine.config import load_config
+from internvit.segmentation.config import SegmentationConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CITATION = re.compile(r"docs/protocol\.md\s+§\s*(\d+(?:\.\d+)?(?:\s*(?:-|,|, §)\s*\d+(?:\.\d+)?)*)")
 
@@ -27,3 +31,11 @@ def test_every_protocol_citation_has_its_section():
     assert len(cited) > 20  # the code leans on it throughout
     missing = {n: where[:3] for n, where in cited.items() if n not in headings}
     assert not missing, missing
+
+
+def test_every_shipped_config_loads():
+    for kind, cls in (("classification", ClassificationConfig), ("segmentation", SegmentationConfig)):
+        paths = sorted((ROOT / "configs" / kind).rglob("*.yaml"))
+        assert paths, kind
+        for path in paths:
+            assert isinstance(load_config(cls, path), cls), path

@@ -128,3 +128,36 @@ def test_killed_extraction_resumes_to_identical_shards_and_two_processes_agree(m
     result = cli(["cls", "extract", *settings(paths, checkpoint, two)], nproc=2)
     assert result.returncode == 0, result.stderr[-2000:]
     assert shard_bytes(two) == shard_bytes(reference)
+
+
+def test_sweep_heads_do_not_interact_and_the_saved_head_scores_the_same_on_images(mini, tmp_path, capsys):
+    root, paths, checkpoint = mini
+    out = tmp_path / "features"
+    exact = {"features.dtype": "fp32", "backbone.precision": "fp32", "features.sets": "[train,in1k]"}
+    assert main(["cls", "extract", *settings(paths, checkpoint, out, **exact)]) == 0
+    common = {"sweep.epochs": 2, "sweep.batch_size": 32, "sweep.holdout": 40, "sweep.lrs": "[0.1,1.0]"}
+    grid_run, single_run = tmp_path / "grid", tmp_path / "single"
+    grid = {**exact, **common, "sweep.variants": "[cls_mean,cls]", "sweep.batchnorm": "[true,false]"}
+    assert main(["cls", "sweep", *settings(paths, checkpoint, out, **grid), f"output_dir={grid_run}"]) == 0
+    rows = json.loads((grid_run / "sweep_grid.json").read_text())
+    assert len(rows) == 8 and sum(r["chosen"] for r in rows) == 1
+    assert [r["head"] for r in rows][:2] == ["cls_mean|bn|lr=0.00625", "cls_mean|bn|lr=0.0625"]  # x 32 / 512
+    single = {**exact, **common, "sweep.lrs": "[1.0]", "sweep.variants": "[cls_mean]", "sweep.batchnorm": "[true]"}
+    assert main(["cls", "sweep", *settings(paths, checkpoint, out, **single), f"output_dir={single_run}"]) == 0
+    together = torch.load(grid_run / "checkpoint.pth", weights_only=True)["objects"]["heads"]
+    alone = torch.load(single_run / "checkpoint.pth", weights_only=True)["objects"]["heads"]
+    for key, value in alone.items():  # grid point 1 (cls_mean, BN, lr 1.0) against the one-head sweep
+        assert torch.allclose(together[key.replace("heads.0.", "heads.1.")].float(), value.float(), atol=1e-6), key
+    # the saved head of the paper's kind scores the same through `cls eval` on the images as on the cache
+    paper = {**exact, **common, "sweep.variants": "[cls_mean]", "sweep.batchnorm": "[true]"}
+    paper_run = tmp_path / "paper"
+    assert main(["cls", "sweep", *settings(paths, checkpoint, out, **paper), f"output_dir={paper_run}"]) == 0
+    cached = json.loads((paper_run / "sweep_results.json").read_text())[0]
+    assert cached["set"] == "in1k" and cached["mode"] == "fast (cached features)"
+    head = paper_run / "head.safetensors"
+    evaluated = tmp_path / "eval"
+    args = [*settings(paths, checkpoint, evaluated), f"head.checkpoint={head}", "eval.sets=[in1k]"]
+    assert main(["cls", "eval", *args, "backbone.precision=fp32", f"output_dir={evaluated}"]) == 0
+    on_images = json.loads((evaluated / "eval_results.json").read_text())[0]
+    assert (on_images["acc1"], on_images["acc5"]) == (cached["acc1"], cached["acc5"])
+    capsys.readouterr()

@@ -150,6 +150,39 @@ class KnnConfig:
             raise ValueError(f"knn.chunk must be >= 1, got {self.chunk}")
 
 
+SWEEP_VARIANTS = ("cls", "cls_mean", "cls4", "cls4_mean")
+# 13 base learning rates (per 512 images, scaled with the batch as the paper's base_lr), log-spaced around its 0.1
+SWEEP_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`cls sweep`: a grid of linear heads trained together on the cached features, one pass per epoch."""
+
+    lrs: list[float] = field(default_factory=lambda: list(SWEEP_LRS))
+    variants: list[str] = field(default_factory=lambda: list(SWEEP_VARIANTS))
+    batchnorm: list[bool] = field(default_factory=lambda: [True, False])  # with and without the paper head's BN
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 1024  # per process
+    holdout: int = 10000  # training images held out (seeded) to choose the head on; never the validation set
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"sweep.lrs must be positive learning rates, got {self.lrs}")
+        bad = [v for v in self.variants if v not in SWEEP_VARIANTS]
+        if bad or not self.variants:
+            raise ValueError(f"sweep.variants: unknown {bad[:1] or '(none)'} (valid: {', '.join(SWEEP_VARIANTS)})")
+        if not self.batchnorm:
+            raise ValueError("sweep.batchnorm must list true and/or false")
+        for name in ("epochs", "batch_size", "holdout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sweep.{name} must be >= 1")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError("sweep.warmup_epochs must be between 0 and sweep.epochs")
+
+
 @dataclass(frozen=True)
 class ClassificationConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -159,6 +192,7 @@ class ClassificationConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     output_dir: str = "runs/classification"
     device: str = "auto"  # auto | cuda | cpu
     RENAMED_FIELDS: ClassVar[dict] = {"train.amp": ("backbone.precision", {"none": "fp32"})}

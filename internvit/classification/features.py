@@ -54,6 +54,8 @@ def set_entry(dataset, shard_size: int) -> dict:
         "num_shards": -(-num // shard_size),
         "images_sha256": image_list_hash(dataset),
         "num_classes": dataset.num_classes,
+        "classes": list(dataset.classes),
+        "class_names": list(dataset.class_names),
     }
 
 

@@ -68,11 +68,12 @@ def run_extract(cfg: ClassificationConfig) -> list[dict]:
             compile=cfg.backbone.compile,
             fp8=cfg.backbone.fp8,
         )
+        dims = {"embed_dim": backbone.config.embed_dim, "num_heads": backbone.config.num_heads}
         forwards = extract(
             backbone,
             datasets,
             root,
-            manifest=manifest_settings(cfg, transform),
+            manifest=manifest_settings(cfg, transform) | dims,
             shard_size=cfg.features.shard_size,
             batch_size=cfg.eval.batch_size,
             num_workers=resolve_num_workers(cfg.data.num_workers),
