@@ -29,7 +29,7 @@ SEG_CASES = [
     ("eval.stride=600", "eval.stride=600 exceeds the window (data.crop=504)"),
     ("data.crop=-112", "data.crop must be a positive multiple of the patch size 14, got -112"),
     ("train.lr=-1", "train.lr must be > 0, got -1"),
-    ("train.warmup_iters=-1", "train.warmup_iters must be between 0 and train.iters, got -1"),
+    ("train.warmup_iters=-1", "train.warmup_iters must be >= 0, got -1"),
     ("train.layer_decay=0", "train.layer_decay must be > 0 and <= 1, got 0"),
     ("eval.scales=[]", "eval.scales must be a non-empty list of positive ratios"),
     ("data.ignore_index=70000", "data.ignore_index must be in [0, 65535]"),

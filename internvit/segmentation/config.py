@@ -112,8 +112,8 @@ class SegTrainConfig:
         check_range("train.lr", self.lr, low=0, low_open=True)
         check_range("train.weight_decay", self.weight_decay, low=0)
         check_range("train.layer_decay", self.layer_decay, low=0, high=1, low_open=True)
-        if not 0 <= self.warmup_iters <= self.iters:
-            raise ValueError(f"train.warmup_iters must be between 0 and train.iters, got {self.warmup_iters}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
 
 
 @dataclass(frozen=True)
