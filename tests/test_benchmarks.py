@@ -146,3 +146,25 @@ def test_a_failing_variant_is_recorded_and_partial_results_are_kept(tmp_path, mo
     assert partial["rows"][1]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 GiB"
     log.finish()
     assert json.loads((tmp_path / "r.json").read_text())["complete"] is True
+
+
+def test_probing_smoke(tmp_path):
+    """Paper mode against extract + sweep + kNN on the generated mini ImageNet: the forward counts (epochs x images
+    against once per image) and the timings of every stage are in the JSON."""
+    args = ["--preset", "debug", "--img-size", "56", "--epochs", "2", "--batch", "32"]
+    result = run_script("probing.py", *args, tmp_path=tmp_path)
+    rows = {row["stage"]: row for row in result["rows"]}
+    assert list(rows) == [
+        "paper mode: cls train",
+        "fast: cls extract",
+        "fast: cls sweep",
+        "fast: cls knn",
+        "pure forward (random tensors)",
+    ]
+    assert rows["paper mode: cls train"]["backbone_forwards"] == 2 * 224  # 7 full batches of 32 per epoch
+    assert rows["fast: cls extract"]["backbone_forwards"] == 240 + 60  # every train and val image once
+    assert rows["fast: cls sweep"]["heads"] == 52 and rows["fast: cls sweep"]["backbone_forwards"] == 0
+    assert all(row["wall_s"] > 0 for row in result["rows"][:4]) and rows["pure forward (random tensors)"]["img_s"] > 0
+    summary = result["summary"]
+    assert summary["forwards_paper"] == 448 and summary["forwards_fast"] == 300
+    assert summary["extract_rate_share_of_forward"] > 0 and summary["paper_over_fast_wall"] > 0

@@ -1,10 +1,15 @@
 """Bad settings through the real CLI: each ends in one `internvit: error:` line naming the problem and a `fix:` line,
 exit status 2, before any model or dataset loads."""
 
+import errno
+import os
+
 import pytest
 import torch
 
+from internvit.atomic import UMASK, write_json
 from internvit.cli import main
+from internvit.errors import InternViTError
 
 CLS_CASES = [
     ("eval.batch_size=-1", "eval.batch_size must be >= 1, got -1"),
@@ -83,3 +88,17 @@ def test_missing_config_and_output_dir_that_is_a_file(tmp_path, capsys):
     expect(["cls", "train", "--config", str(tmp_path / "none.yaml")], "no such config file", capsys)
     (tmp_path / "taken").write_text("a file")
     expect(["cls", "eval", f"output_dir={tmp_path / 'taken'}", "head.checkpoint=x"], "is a file, not a folder", capsys)
+
+
+def test_atomic_writes_respect_the_umask_and_name_a_full_disk(tmp_path, monkeypatch):
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~UMASK  # not mkstemp's 0600
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(InternViTError, match="no space left to write .*b.json") as info:
+        write_json(tmp_path / "b.json", {"x": 2})
+    assert "free disk space" in info.value.fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no partial or temporary file left

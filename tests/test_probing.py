@@ -161,3 +161,17 @@ def test_sweep_heads_do_not_interact_and_the_saved_head_scores_the_same_on_image
     on_images = json.loads((evaluated / "eval_results.json").read_text())[0]
     assert (on_images["acc1"], on_images["acc5"]) == (cached["acc1"], cached["acc5"])
     capsys.readouterr()
+
+
+def test_extraction_names_a_corrupt_image_or_skips_and_counts_it(mini, tmp_path, capsys):
+    _, _, checkpoint = mini
+    paths = make_mini_imagenet(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2)
+    bad = sorted((paths["in1k"] / "train").rglob("*.JPEG"))[1]
+    bad.write_bytes(b"not a jpeg")
+    args = [*settings(paths, checkpoint, tmp_path / "f"), "head.num_classes=3"]
+    assert main(["cls", "extract", *args]) == 2
+    assert bad.name in capsys.readouterr().err
+    assert main(["cls", "extract", *args, "data.skip_corrupt=true", f"features.out={tmp_path / 'g'}"]) == 0
+    rows = {r["set"]: r for r in json.loads((tmp_path / "g" / "extract_results.json").read_text())}
+    assert (rows["train"]["images"], rows["train"]["skipped"], rows["train"]["backbone_forwards"]) == (12, 1, 11)
+    assert len(load_features(tmp_path / "g", "train")["index"]) == 11

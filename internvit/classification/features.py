@@ -109,8 +109,9 @@ def extract_set(
     precision: str,
     dist: DistInfo,
 ) -> int:
-    """Write this rank's missing shards of one set; returns how many images it ran through the backbone."""
-    done = 0
+    """Write this rank's missing shards of one set; returns (images run through the backbone, images skipped as
+    undecodable under data.skip_corrupt)."""
+    done = skipped = 0
     shards = range(dist.rank, entry["num_shards"], dist.world_size)
     todo = [k for k in shards if not shard_path(root, name, k).is_file()]
     (root / name).mkdir(parents=True, exist_ok=True)
@@ -136,12 +137,17 @@ def extract_set(
             parts["index"].append(idx.long())
             parts["target"].append(targets.long())
             done += len(idx)
+        skipped += len(indices) - sum(len(i) for i in parts["index"])
+        if not parts["index"]:
+            raise InternViTError(
+                f"every image of {name} shard {shard} was undecodable", fix="remove the corrupt files and rerun"
+            )
         tensors = {key: torch.cat(values).contiguous() for key, values in parts.items() if values}
         with atomic_path(shard_path(root, name, shard)) as tmp:
             save_file(tensors, str(tmp), metadata={"shard": f"{name}/{shard}"})  # one key: the bytes are reproducible
         bar.update(1)
     bar.close()
-    return done
+    return done, skipped
 
 
 def extract(
@@ -156,8 +162,9 @@ def extract(
     dtype: str,
     precision: str,
     dist: DistInfo,
-) -> dict[str, int]:
-    """Extract every set (resuming at shard granularity); returns the backbone forwards per set on this rank."""
+) -> dict[str, tuple[int, int]]:
+    """Extract every set (resuming at shard granularity); returns (backbone forwards, skipped images) per set on
+    this rank."""
     expected = {**manifest, "sets": {name: set_entry(ds, shard_size) for name, ds in datasets.items()}}
     path = root / MANIFEST
     if path.is_file():

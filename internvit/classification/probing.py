@@ -81,12 +81,15 @@ def run_extract(cfg: ClassificationConfig) -> list[dict]:
             precision=cfg.backbone.precision,
             dist=dist,
         )
-        totals = {name: sum(part[name] for part in all_gather_objects(forwards)) for name in forwards}
+        parts = all_gather_objects(forwards)
+        totals = {name: sum(part[name][0] for part in parts) for name in forwards}
+        skipped = {name: sum(part[name][1] for part in parts) for name in forwards}
         rows = [
             {
                 "set": name,
                 "images": len(dataset),
                 "backbone_forwards": totals[name],  # this run's: 0 for a set already extracted
+                "skipped": skipped[name],  # undecodable, under data.skip_corrupt (this run's)
                 "paper_mode_forwards": len(dataset) * cfg.train.epochs if name == "train" else len(dataset),
                 "mode": FAST_MODE,
             }
