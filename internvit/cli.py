@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from internvit import __version__
 from internvit.classification.config import ClassificationConfig
 from internvit.classification.probing import run_extract, run_knn
 from internvit.classification.run import run_classify
@@ -62,8 +63,8 @@ def cmd_models(args: argparse.Namespace) -> None:
                     "heads": cfg.num_heads,
                     "norm": cfg.norm_type,
                     "img_size": cfg.img_size,
-                    "params": f"{params:,}",
-                    "GFLOPs/img": f"{count_flops(cfg) / 1e9:.5g}",
+                    "params": params if args.json else f"{params:,}",
+                    "GFLOPs/img": float(f"{count_flops(cfg) / 1e9:.5g}"),
                     "default tag": DEFAULT_TAGS.get(name, "-"),
                 }
             )
@@ -131,7 +132,8 @@ def cmd_cls_train(args: argparse.Namespace) -> None:
 
 def cmd_cls_eval(args: argparse.Namespace) -> None:
     rows = run_cls_eval(_classification_config(args))
-    print(format_table(rows))
+    if rows:  # rank 0 alone has the rows
+        print(format_table(rows))
 
 
 def _failed_inputs(results: list[dict], what: str) -> None:
@@ -192,7 +194,9 @@ def cmd_seg_train(args: argparse.Namespace) -> None:
 
 
 def cmd_seg_eval(args: argparse.Namespace) -> None:
-    print(format_table(run_seg_eval(_segmentation_config(args))))
+    rows = run_seg_eval(_segmentation_config(args))
+    if rows:  # rank 0 alone has the rows
+        print(format_table(rows))
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
@@ -235,14 +239,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(format_table(plan.rows()))
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of settings over the paper defaults (see configs/classification/)")
+def _add_config_args(p: argparse.ArgumentParser, kind: str = "classification") -> None:
+    p.add_argument("--config", help=f"YAML file of settings over the paper defaults (see configs/{kind}/)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings that win over the file")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internvit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"internvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list presets with parameter counts and GFLOPs (or --tags: released weights)")
@@ -289,21 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_cls_knn)
 
-    seg = sub.add_parser("seg", help="ADE20K segmentation: train / eval (linear probe, few-shot, UperNet)")
+    seg = sub.add_parser("seg", help="segmentation (ADE20K or any dataset): train / eval / export")
     seg_sub = seg.add_subparsers(dest="seg_command", required=True)
     p = seg_sub.add_parser("train", help="train a segmentor (configs/segmentation/*.yaml; torchrun for GPUs)")
-    _add_config_args(p)
+    _add_config_args(p, "segmentation")
     p.set_defaults(func=cmd_seg_train)
     p = seg_sub.add_parser("export", help="one safetensors file from a run's last checkpoint (sharded or not)")
     p.add_argument("run", help="the run folder (output_dir of seg train)")
     p.add_argument("--out", help="output file (default: RUN/export.safetensors)")
     p.set_defaults(func=cmd_seg_export)
-    p = seg_sub.add_parser("eval", help="sliding-window mIoU on ADE20K val (head.checkpoint=...)")
-    _add_config_args(p)
+    p = seg_sub.add_parser("eval", help="sliding-window mIoU on the validation split (head.checkpoint=...)")
+    _add_config_args(p, "segmentation")
     p.set_defaults(func=cmd_seg_eval)
 
     p = sub.add_parser("plan", help="memory per GPU of a segmentation training run, without starting it")
-    _add_config_args(p)
+    _add_config_args(p, "segmentation")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node (default 1)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -326,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True, help="backbone checkpoint: file, folder, tag or hub id")
     p.add_argument("--head", required=True, help="head file (a run's head.safetensors, or the released head .pth)")
     p.add_argument("--preset", help="backbone preset (default: detected)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--top", "--topk", dest="topk", type=int, default=5, help="classes to list per image")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_classify)

@@ -2,14 +2,17 @@
 exit status 2, before any model or dataset loads."""
 
 import errno
+import json
 import os
 
 import pytest
 import torch
 
+from internvit import __version__
 from internvit.atomic import UMASK, write_json
 from internvit.cli import main
 from internvit.errors import InternViTError
+from internvit.model import build_model, get_config
 
 CLS_CASES = [
     ("eval.batch_size=-1", "eval.batch_size must be >= 1, got -1"),
@@ -102,3 +105,17 @@ def test_atomic_writes_respect_the_umask_and_name_a_full_disk(tmp_path, monkeypa
         write_json(tmp_path / "b.json", {"x": 2})
     assert "free disk space" in info.value.fix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no partial or temporary file left
+
+
+def test_cli_conveniences(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"internvit {__version__}"
+    expect(["cls", "train", "train.epoch=3"], "unknown config field train.epoch (did you mean train.epochs?", capsys)
+    with pytest.raises(SystemExit):
+        main(["seg", "train", "--help"])
+    assert "configs/segmentation/" in capsys.readouterr().out
+    assert build_model("debug", init=False).config == get_config("debug")  # a preset name builds
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all(isinstance(r["params"], int) and isinstance(r["GFLOPs/img"], float) for r in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 import types
@@ -115,7 +116,9 @@ def _merge(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config field {prefix}{unknown[0]} (valid: {', '.join(fields)})")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ValueError(f"unknown config field {prefix}{unknown[0]} ({hint}valid: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

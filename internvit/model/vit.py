@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internvit.model.config import InternViTConfig
+from internvit.model.config import InternViTConfig, get_config
 from internvit.model.layers import Block, PatchEmbed
 
 
@@ -137,7 +137,7 @@ class InternViT(nn.Module):
 
 
 def build_model(
-    config: InternViTConfig,
+    config: InternViTConfig | str,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -145,8 +145,11 @@ def build_model(
 ) -> InternViT:
     """Build on the meta device, then materialise on `device` in `dtype`; `init=False` leaves memory uninitialised
 
-    (for a checkpoint that will overwrite every parameter), which makes the 6B model appear in seconds.
+    (for a checkpoint that will overwrite every parameter), which makes the 6B model appear in seconds. `config` is
+    an `InternViTConfig` or a preset name (e.g. "internvit-6b-224px", "debug").
     """
+    if isinstance(config, str):
+        config = get_config(config)
     with torch.device("meta"):
         model = InternViT(config)
     model = model.to(dtype=dtype).to_empty(device=device)
