@@ -3,6 +3,7 @@ exit status 2, before any model or dataset loads."""
 
 import errno
 import json
+import logging
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from internvit import __version__
 from internvit.atomic import UMASK, write_json
 from internvit.cli import main
+from internvit.engine import progress as progress_module
 from internvit.errors import InternViTError
 from internvit.model import build_model, get_config
 
@@ -119,3 +121,21 @@ def test_cli_conveniences(capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert all(isinstance(r["params"], int) and isinstance(r["GFLOPs/img"], float) for r in rows)
+
+
+def test_progress_off_a_terminal_is_plain_log_lines(monkeypatch, caplog):
+    """A job log gets periodic lines, not one endlessly redrawn bar."""
+    monkeypatch.setattr(progress_module, "PLAIN_EVERY_S", 0.0)
+    bar = progress_module.progress(total=3, desc="train", unit="it")
+    assert isinstance(bar, progress_module.PlainProgress)  # pytest's stderr is not a terminal
+    bar.every_s = 0.0
+    with caplog.at_level(logging.INFO, logger="internvit.progress"):
+        bar.set_postfix(loss="0.5")
+        for _ in range(3):
+            bar.update(1)
+        bar.close()
+        items = list(progress_module.progress(range(2), desc="eval", unit="img"))
+    assert items == [0, 1]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("train: 1/3 it (") and "loss=0.5" in lines[0] and "\r" not in "".join(lines)
+    assert any(line.startswith("eval: 2/2 img") for line in lines)

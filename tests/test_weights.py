@@ -1,6 +1,7 @@
 """Checkpoint reading, key maps, strict loading, preset matching and errors (docs/protocol.md §1.7-1.10)."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from internvit.weights import (
     LAYOUTS,
     convert_checkpoint,
     detect_layout,
+    files,
     from_native,
     load_model,
     to_native,
@@ -522,3 +524,22 @@ def test_non_finite_head_is_refused_and_nothing_is_loaded(tmp_path, fmt):
         order = "norm.running_var, head.weight" if fmt == "pth" else "head.weight, norm.running_var"  # file order
         assert err.message == f"{path}: 2 tensor(s) hold NaN or Inf values: {order}"
     assert_same(target.state_dict(), before)
+
+
+def test_hub_cache_is_used_and_an_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--name" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--org--name" / "refs").mkdir()
+    (cache / "models--org--name" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(files, "hub_reachable", lambda timeout_s=3.0: pytest.fail("the cache needs no network"))
+    assert files.download("org/name", "config.json") == snapshot / "config.json"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(files, "hub_reachable", lambda timeout_s=3.0: False)
+    start = time.perf_counter()
+    err = expect_error(
+        "not in the local hub cache and the Hugging Face Hub is not reachable", files.download, "o/x", "m"
+    )
+    assert time.perf_counter() - start < 5 and "HF_HUB_OFFLINE=1" in err.fix

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from internvit.classification.config import CUSTOM_SET, DataConfig
 from internvit.classification.metrics import PAPER_RESULTS_DETAILED, real_hits, restrict_logits, summarize, topk_hits
@@ -22,6 +21,7 @@ from internvit.data.imagenet_meta import load_wnids
 from internvit.engine.data import build_eval_loader
 from internvit.engine.distributed import DistInfo, all_gather_objects
 from internvit.engine.precision import autocast
+from internvit.engine.progress import progress
 
 log = logging.getLogger(__name__)
 SET_NAMES = {
@@ -188,7 +188,9 @@ def evaluate_sets(
         loader = build_eval_loader(
             dataset, batch_size=batch_size, dist=dist, num_workers=num_workers, collate_fn=collate
         )
-        bar = tqdm(total=len(loader.sampler), desc=f"eval {name}", unit="img", disable=not dist.is_main, leave=False)
+        bar = progress(
+            total=len(loader.sampler), desc=f"eval {name}", unit="img", disable=not dist.is_main, leave=False
+        )
         scores = predict_scores(
             backbone=backbone,
             heads=heads,

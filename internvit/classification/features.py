@@ -24,12 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from internvit.atomic import atomic_path, write_json
 from internvit.data.imagenet import collate_skip_none
 from internvit.engine.distributed import DistInfo, barrier
 from internvit.engine.precision import DTYPES, autocast
+from internvit.engine.progress import progress
 from internvit.errors import InternViTError
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def extract_set(
     shards = range(dist.rank, entry["num_shards"], dist.world_size)
     todo = [k for k in shards if not shard_path(root, name, k).is_file()]
     (root / name).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc=f"extract {name}", unit="shard", disable=not dist.is_main, leave=False)
+    bar = progress(total=len(todo), desc=f"extract {name}", unit="shard", disable=not dist.is_main, leave=False)
     for shard in todo:
         start = shard * entry["shard_size"]
         indices = list(range(start, min(start + entry["shard_size"], entry["num_images"])))

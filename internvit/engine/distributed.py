@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from internvit.atomic import atomic_path
+from internvit.engine.progress import TqdmHandler
 from internvit.errors import InternViTError
 
 T = TypeVar("T")
@@ -125,7 +126,7 @@ def setup_logging(rank: int = 0, level: int = logging.INFO, log_file: str | os.P
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     fmt = logging.Formatter("%(asctime)s %(message)s" if log_file else "%(message)s", "%H:%M:%S")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TqdmHandler(sys.stderr)
     handler.setFormatter(fmt)
     logger.addHandler(handler)
     if log_file and rank == 0:

@@ -30,10 +30,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from tqdm import tqdm
 
 from internvit.engine.checkpoint import Checkpointer, ResumePoint, ShardedOptimizerState, Stateful
 from internvit.engine.parallelize import is_sharded
+from internvit.engine.progress import progress
 from internvit.engine.schedule import StepScheduler
 from internvit.errors import InternViTError
 
@@ -254,7 +254,7 @@ def _steps(task, settings, checkpointer, objects, state, totals, batches, params
     model, optimizer, scheduler = task.model, task.optimizer, task.scheduler
     dist, run_dir = checkpointer.dist, checkpointer.run_dir
     start_step, start = state.step, time.perf_counter()
-    bar = tqdm(total=settings.total_steps, initial=state.step, desc="train", disable=not dist.is_main)
+    bar = progress(total=settings.total_steps, initial=state.step, desc="train", disable=not dist.is_main)
     for step in range(state.step, settings.total_steps):
         task.begin_step(step)
         logs = _accumulate(task, model, batches, scaler, totals, settings.accum_steps)

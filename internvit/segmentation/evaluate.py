@@ -10,12 +10,12 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 from internvit.data.seg_transforms import normalize_images
 from internvit.data.segmentation import SegmentationFolder
 from internvit.engine.data import build_eval_loader
 from internvit.engine.distributed import DistInfo, all_gather_objects
+from internvit.engine.progress import progress
 from internvit.segmentation.config import SegEvalConfig
 from internvit.segmentation.metrics import MIoUAccumulator
 from internvit.segmentation.segmentor import Segmentor, predict
@@ -49,7 +49,7 @@ def evaluate_segmentor(
     segmentor.eval()
     acc = MIoUAccumulator(num_classes, dataset.ignore_index)
     loader = build_eval_loader(dataset, batch_size=1, dist=dist, num_workers=num_workers, collate_fn=first_item)
-    for item in tqdm(loader, desc=f"eval {dataset.split}", unit="img", disable=not dist.is_main, leave=False):
+    for item in progress(loader, desc=f"eval {dataset.split}", unit="img", disable=not dist.is_main, leave=False):
         pred = predict(
             segmentor,
             device_views(item["img"], dist.device),

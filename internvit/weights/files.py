@@ -12,6 +12,8 @@ import json
 import os
 import pickle
 import re
+import socket
+import urllib.parse
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -290,23 +292,46 @@ def _find_in_dir(folder: Path) -> Path:
     )
 
 
-def download(repo_id: str, filename: str | None = None) -> Path:
-    """Fetch a hub repo (HF-format weights and configs) or one file of it; offline, a clear error with the fix."""
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within `timeout_s` (no retries: an offline machine learns it
+    at once instead of after the hub client's back-off)."""
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
-        if filename:
-            return Path(hf_hub_download(repo_id, filename))
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-        if not any(folder.glob("*.safetensors")):  # an older repo with only pytorch_model*.bin files
-            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"]))
-        return folder
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _fetch(repo_id: str, filename: str | None, *, local_only: bool) -> Path:
+    if filename:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
+    folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_files_only=local_only))
+    if not any(folder.glob("*.safetensors")):  # an older repo with only pytorch_model*.bin files
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"], local_files_only=local_only))
+    return folder
+
+
+def download(repo_id: str, filename: str | None = None) -> Path:
+    """Fetch a hub repo (HF-format weights and configs) or one file of it: from the local hub cache when it is
+    there, else from the hub; offline (HF_HUB_OFFLINE=1, or the hub unreachable) a clear error at once."""
+    what = f"{repo_id}/{filename}" if filename else repo_id
+    get = f"{repo_id} {filename}" if filename else repo_id
+    local = f"the local path DIR/{filename}" if filename else "the local path DIR"
+    fix = (
+        f"download it where there is internet (`hf download {get} --local-dir DIR`) and pass {local}, or copy the "
+        "hub cache (~/.cache/huggingface/hub, HF_HOME) here and set HF_HUB_OFFLINE=1"
+    )
+    try:
+        return _fetch(repo_id, filename, local_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache (the error type varies by hub version): fetch it
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not hub_reachable():
+        raise InternViTError(f"{what} is not in the local hub cache and the Hugging Face Hub is not reachable", fix=fix)
+    try:
+        return _fetch(repo_id, filename, local_only=False)
     except Exception as e:  # hub errors vary by version and network state; all mean "not available here"
-        what = f"{repo_id}/{filename}" if filename else repo_id
-        get = f"{repo_id} {filename}" if filename else repo_id
-        local = f"the local path DIR/{filename}" if filename else "the local path DIR"
-        raise InternViTError(
-            f"could not fetch {what} from the Hugging Face Hub ({type(e).__name__})",
-            fix=f"download it where there is internet (`hf download {get} --local-dir DIR`) and pass {local}",
-        ) from e
+        raise InternViTError(f"could not fetch {what} from the Hugging Face Hub ({type(e).__name__})", fix=fix) from e
 
 
 def looks_like_hub_id(source: str) -> bool:
