@@ -34,7 +34,7 @@ from internvit.segmentation.run import run_eval as run_seg_eval
 from internvit.segmentation.run import run_segment
 from internvit.segmentation.run import run_train as run_seg_train
 from internvit.weights import convert_checkpoint, inspect_checkpoint
-from internvit.weights.tags import DEFAULT_TAGS, TAGS
+from internvit.weights.tags import DEFAULT_TAGS, HEAD_TAGS, TAGS
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -49,6 +49,10 @@ def cmd_models(args: argparse.Namespace) -> None:
                 "std": t.std,
             }
             for t in TAGS.values()
+        ]
+        rows += [  # the released classification head (cls_patch_concat on the 224px model's tokens)
+            {"tag": name, "preset": "head", "source": f"{repo}/{filename}", "img_size": 224, "mean": "-", "std": "-"}
+            for name, (repo, filename) in HEAD_TAGS.items()
         ]
     else:
         rows = []

@@ -139,3 +139,10 @@ def test_progress_off_a_terminal_is_plain_log_lines(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("train: 1/3 it (") and "loss=0.5" in lines[0] and "\r" not in "".join(lines)
     assert any(line.startswith("eval: 2/2 img") for line in lines)
+
+
+def test_models_lists_the_released_head_tag(capsys):
+    assert main(["models", "--tags", "--json"]) == 0
+    rows = {r["tag"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["internvit-6b-224px.head"]["source"] == "OpenGVLab/InternVL/intern_vit_6b_224px_head.pth"
+    assert "internvit-6b-224px.hf" in rows
