@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from internvit.atomic import atomic_path, write_json
 from internvit.data.imagenet import collate_skip_none
@@ -108,7 +108,7 @@ def extract_set(
     dtype: str,
     precision: str,
     dist: DistInfo,
-) -> int:
+) -> tuple[int, int]:
     """Write this rank's missing shards of one set; returns (images run through the backbone, images skipped as
     undecodable under data.skip_corrupt)."""
     done = skipped = 0
@@ -116,20 +116,24 @@ def extract_set(
     todo = [k for k in shards if not shard_path(root, name, k).is_file()]
     (root / name).mkdir(parents=True, exist_ok=True)
     bar = progress(total=len(todo), desc=f"extract {name}", unit="shard", disable=not dist.is_main, leave=False)
+    # one loader over every missing shard (its workers start once), in batches that never straddle two shards
+    plan: list[tuple[int, list[int]]] = []
     for shard in todo:
         start = shard * entry["shard_size"]
         indices = list(range(start, min(start + entry["shard_size"], entry["num_images"])))
-        loader = DataLoader(
-            Subset(dataset, indices),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate_skip_none,
-            pin_memory=dist.device.type == "cuda",
-        )
-        parts: dict[str, list[torch.Tensor]] = {key: [] for key in (*VARIANTS, "index", "target")}
-        for batch in loader:
-            if batch is None:
-                continue
+        plan += [(shard, indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[indices for _, indices in plan],
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=dist.device.type == "cuda",
+    )
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in (*VARIANTS, "index", "target")}
+    expected = 0
+    for position, ((shard, indices), batch) in enumerate(zip(plan, loader, strict=True)):
+        expected += len(indices)
+        if batch is not None:
             images, targets, idx = batch
             feats = backbone_features(backbone, images.to(dist.device, non_blocking=True), precision)
             for key in VARIANTS:
@@ -137,14 +141,19 @@ def extract_set(
             parts["index"].append(idx.long())
             parts["target"].append(targets.long())
             done += len(idx)
-        skipped += len(indices) - sum(len(i) for i in parts["index"])
-        if not parts["index"]:
+        if position + 1 < len(plan) and plan[position + 1][0] == shard:
+            continue  # the shard goes on in the next batch
+        kept = sum(len(i) for i in parts["index"])
+        skipped += expected - kept
+        if not kept:
             raise InternViTError(
                 f"every image of {name} shard {shard} was undecodable", fix="remove the corrupt files and rerun"
             )
-        tensors = {key: torch.cat(values).contiguous() for key, values in parts.items() if values}
+        tensors = {key: torch.cat(values).contiguous() for key, values in parts.items()}
         with atomic_path(shard_path(root, name, shard)) as tmp:
             save_file(tensors, str(tmp), metadata={"shard": f"{name}/{shard}"})  # one key: the bytes are reproducible
+        parts = {key: [] for key in parts}
+        expected = 0
         bar.update(1)
     bar.close()
     return done, skipped

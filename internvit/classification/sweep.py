@@ -207,12 +207,12 @@ def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
         )
         scheduler = StepScheduler(optimizer, schedule, lag_one_step=t.lr_lag_one_step)
         held = {k: v[held_pos] for k, v in train_features.items()}
-        last: dict[str, list[float]] = {}
+        last: dict[str, list] = {}
 
         def evaluate() -> dict[str, Any]:
             logits = head_logits(heads, held, dist.device)
             hits = [(each.argmax(1) == held["target"]).float().mean().item() * 100 for each in logits]
-            last["acc1"] = hits
+            last["acc1"], last["logits"] = hits, logits
             best = max(range(len(grid)), key=lambda i: hits[i])
             return {"best_head": head_name(*grid[best]), "best_holdout_acc1": round(hits[best], 3)}
 
@@ -238,14 +238,15 @@ def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
         history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if not dist.is_main:
             return {}
-        return _report(cfg, run_dir, heads, grid, last["acc1"], held, test_sets, manifest, history, dist.device)
+        return _report(cfg, run_dir, heads, grid, last, held, test_sets, manifest, history, dist.device)
     finally:
         cleanup_distributed()
 
 
-def _report(cfg, run_dir, heads, grid, holdout_acc1, held, test_sets, manifest, history, device) -> dict:
+def _report(cfg, run_dir, heads, grid, last, held, test_sets, manifest, history, device) -> dict:
+    """The grid and test tables and the head files, from the held-out scores of the final evaluation."""
     root = Path(cfg.features.out)
-    held_logits = head_logits(heads, held, device)
+    holdout_acc1, held_logits = last["acc1"], last["logits"]
     chosen = max(range(len(grid)), key=lambda i: holdout_acc1[i])
     rows = []
     for i, (variant, bn, lr) in enumerate(grid):
