@@ -52,6 +52,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# The Python objects of every process group this process created, kept to the end of the process. A DDP module's
+# reducer holds its group from C++ and, if it were the last holder, would destroy the group while holding the GIL:
+# gloo's destructor joins its worker threads, and a worker still releasing the tensors of the last collective waits
+# for the GIL, so the process hangs at the end of a run (seen under CPU load). Destroyed from its Python object, a
+# group releases the GIL first.
+_LIVE_GROUPS: list[object] = []
+
+
 def init_distributed(device: str = "auto", *, process_group: bool = False) -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); a plain run is world size 1, with a
     one-process group when `process_group` asks for one (FSDP2 and distributed checkpoints need a group)."""
@@ -70,6 +78,8 @@ def init_distributed(device: str = "auto", *, process_group: bool = False) -> Di
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     elif process_group and not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized() and dist.group.WORLD not in _LIVE_GROUPS:
+        _LIVE_GROUPS.append(dist.group.WORLD)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
