@@ -26,6 +26,7 @@ from internvit.engine.loop import EXIT_INTERRUPTED, TrainingInterrupted
 from internvit.engine.precision import DTYPES
 from internvit.engine.results import format_table
 from internvit.errors import InternViTError
+from internvit.info import describe
 from internvit.model import PRESETS, InternViT, count_flops, count_params
 from internvit.segmentation.build import plan_training
 from internvit.segmentation.checkpoints import export_segmentor
@@ -33,7 +34,7 @@ from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.run import run_eval as run_seg_eval
 from internvit.segmentation.run import run_segment
 from internvit.segmentation.run import run_train as run_seg_train
-from internvit.weights import convert_checkpoint, inspect_checkpoint
+from internvit.weights import convert_checkpoint
 from internvit.weights.tags import DEFAULT_TAGS, HEAD_TAGS, TAGS
 
 
@@ -87,21 +88,23 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    info = inspect_checkpoint(args.checkpoint)
+    info = describe(args.checkpoint)
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    info["bytes_on_disk"] = f"{info['bytes_on_disk']:,}"
-    info["num_backbone_params"] = f"{info['num_backbone_params']:,}"
-    info["set_aside"] = f"{len(info['set_aside'])} key(s)" + (
-        f", e.g. {info['set_aside'][0]}" if info["set_aside"] else ""
-    )
+    for key in ("bytes_on_disk", "num_backbone_params", "num_params"):
+        if key in info:
+            info[key] = f"{info[key]:,}"
+    if "set_aside" in info:
+        info["set_aside"] = f"{len(info['set_aside'])} key(s)" + (
+            f", e.g. {info['set_aside'][0]}" if info["set_aside"] else ""
+        )
     bad = info["non_finite_tensors"]
     info["non_finite_tensors"] = f"{len(bad)} tensor(s) with NaN / Inf" + (
         f": {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''} (loading refuses this file)" if bad else ""
     )
     for key, value in info.items():
-        print(f"{key:>20}: {value}")
+        print(f"{key:>20}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from internvit.classification.checkpoints import read_head_file
+from internvit.classification.checkpoints import read_head_file, select_head_state
 from internvit.cli import main
 from internvit.data.images import load_image
 from internvit.demo import classification_overrides, make_demo_checkpoint
@@ -63,6 +64,16 @@ def test_probe_learns_and_scores_all_six_sets(mini, capsys):
     assert rows["in1k"]["num_images"] == 60 and rows["in1k"]["paper_acc1"] == 88.23
     assert rows["real"]["num_images"] < 60  # images with an empty ReaL label set are not scored
     assert (run / "eval" / "eval_results.csv").is_file() and (run / "eval" / "eval_results.md").is_file()
+    assert (run / "training.png").is_file()  # loss, lr and validation curves
+    confusions = json.loads((run / "eval" / "eval_confusions.json").read_text())
+    for name, row in rows.items():  # every mistake in a (true, predicted) pair: few classes, so all pairs listed
+        pairs = [c for c in confusions if c["set"] == name]
+        if name == "real":
+            assert not pairs  # label sets, not one class per image
+            continue
+        wrong = round(row["num_images"] * (100 - row["acc1"]) / 100)
+        assert sum(c["count"] for c in pairs) == wrong and all(c["true"] != c["predicted"] for c in pairs), name
+        assert (run / "eval" / f"eval_confusions_{name}.png").is_file() == bool(pairs)
     capsys.readouterr()
     image = next((paths["in1k"] / "val" / "n01443537").iterdir())
     assert main(["classify", str(image), "--backbone", str(checkpoint), "--head", str(head), "--json"]) == 0
@@ -203,7 +214,7 @@ def test_config_mistakes_are_named(mini, tmp_path, capsys, override, message):
     "switches",
     [
         ["backbone.precision=fp16"],
-        ["backbone.precision=fp32", "train.mixup=0", "train.cutmix=0", "train.clip_grad=0"],
+        ["backbone.precision=fp32", "train.mixup=0", "train.cutmix=0", "train.clip_grad=0", "tensorboard=true"],
         ["head.kind=attention_pooling", "train.ema=false"],
         ["head.kind=clip_projector"],
     ],
@@ -233,6 +244,15 @@ def test_recipe_switches_train_and_save(mini, tmp_path, switches):
     assert (run / "head_ema.safetensors").exists() == ("train.ema=false" not in switches)
     record = json.loads((run / "train_history.json").read_text())[0]
     assert record["train_images"] == 224 and record["val_acc1_head"] > 10.0
+    if "tensorboard=true" in switches:  # the metrics records as scalars, at the optimizer step
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        (point,) = events.Scalars("val_acc1_head")
+        assert (point.step, point.value) == (7, pytest.approx(record["val_acc1_head"]))
+        steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
+        assert [p.step for p in events.Scalars("loss")] == [r["step"] + 1 for r in steps]
+    else:
+        assert not (run / "tensorboard").exists()
 
 
 CUSTOM_NAMES = ["Red thing", "Green thing", "blue"]  # make_mini_custom's display names, in classes.txt order
@@ -351,3 +371,40 @@ def test_custom_tree_mistakes_are_clear_errors(custom_run, tmp_path, capsys):
     err = error(["cls", "train", *args, f"data.custom={other}"])
     assert "not in the 3-class list" in err and "purple" in err
     assert not (tmp_path / "run" / "checkpoint.pth").exists()  # every check ran before any training
+
+
+def test_evaluation_from_the_training_checkpoint_and_info_on_every_file(custom_run, tmp_path, capsys):
+    """`cls eval` reads a run's checkpoint.pth (its head, or with head.use_ema its EMA head) and scores exactly as
+    the head files saved beside it; `info` describes heads and training checkpoints as well as backbones."""
+    tree, checkpoint, run = custom_run
+    scores = {}
+    for name, extra in {
+        "head": {"head.checkpoint": run / "head.safetensors"},
+        "ema": {"head.checkpoint": run / "head_ema.safetensors"},
+        "ckpt": {"head.checkpoint": run / "checkpoint.pth"},
+        "ckpt-ema": {"head.checkpoint": run / "checkpoint.pth", "head.use_ema": "true"},
+    }.items():
+        out = tmp_path / name
+        assert main(["cls", "eval", *custom_overrides(tree, checkpoint, out, **extra)]) == 0
+        scores[name] = json.loads((out / "eval_results.json").read_text())[0]["acc1"]
+    assert scores["ckpt"] == scores["head"] and scores["ckpt-ema"] == scores["ema"], scores
+    for use_ema, name in ((False, "head.safetensors"), (True, "head_ema.safetensors")):  # the switch selects
+        expected = load_file(run / name)
+        state, entry = select_head_state(torch.load(run / "checkpoint.pth", weights_only=True), use_ema, "ckpt")
+        assert entry == ("objects.ema" if use_ema else "objects.head")
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert not torch.equal(load_file(run / "head.safetensors")["head.weight"], state["head.weight"])
+    capsys.readouterr()
+    assert main(["info", str(run / "head.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["head_kind"], info["num_classes"], info["img_size"]) == (
+        "classification head",
+        "cls_patch_concat",
+        3,
+        56,
+    )
+    assert info["class_names"] == CUSTOM_NAMES and info["non_finite_tensors"] == []
+    assert main(["info", str(run / "checkpoint.pth"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "training checkpoint" and info["step"] == 24 and "ema" in info["objects"]
+    assert info["signature"]["head"]["num_classes"] == 3

@@ -124,12 +124,25 @@ def private_module_owner(module: str) -> str | None:
     return None if owner is None else ".".join(parts[:owner])
 
 
+# modules of required packages that import an optional package when imported: optional themselves
+NEEDS_OPTIONAL = {"torch.utils.tensorboard": "tensorboard"}
+
+
+def imported_modules(importer: str, package: bool, node: Import) -> set[str]:
+    """The full names of the modules an import statement imports (from)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    return {resolve_from(importer, package, node)}
+
+
 def import_offenders(root: Path, required: set[str]) -> list[str]:
     """Imports below module level, unless every module they import is an optional third-party package."""
     not_optional = set(sys.stdlib_module_names) | {root.name} | required
     offenders = []
     for name, path in module_files(root).items():
         for node in nested_imports(parse(path)):
+            if imported_modules(name, is_package(path), node) <= set(NEEDS_OPTIONAL):
+                continue
             if top_level_names(name, is_package(path), node) & not_optional:
                 offenders.append(f"{location(root, path, node)}: {ast.unparse(node)}")
     return offenders

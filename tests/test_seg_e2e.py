@@ -84,6 +84,7 @@ def test_linear_probe_learns_and_evaluates(ade, tmp_path, capsys):
     assert row["mIoU"] == history[-1]["mIoU"] and row["paper_mIoU"] == 47.2 and row["num_images"] == 6
     per_class = json.loads((run / "eval" / "eval_per_class.json").read_text())
     assert len(per_class) == 150 and per_class[0]["class"] == "wall"
+    assert (run / "training.png").is_file() and (run / "eval" / "eval_per_class.png").is_file()
     # the fast path (compiled blocks; the default on GPUs) scores the same
     fast = [*args, f"head.checkpoint={run / 'best.safetensors'}", f"output_dir={run}/fast", "backbone.compile=true"]
     assert main(["seg", "eval", *fast]) == 0
@@ -111,7 +112,7 @@ def test_linear_probe_learns_and_evaluates(ade, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_paper_setting_runs(ade, tmp_path, config):
+def test_every_paper_setting_runs(ade, tmp_path, capsys, config):
     """The eight settings of docs/protocol.md §5.9 through the CLI, scaled to the debug backbone (4 blocks, 64 wide)."""
     data, checkpoint = ade
     text = config.read_text()
@@ -133,6 +134,24 @@ def test_every_paper_setting_runs(ade, tmp_path, config):
         split = next(run.glob("fewshot_1of*.txt"))
         assert len(split.read_text().split()) == 32 // int(split.name.split("1of")[1].split("_")[0])
         assert record["split_hash"]
+    # the file's stored settings rebuild the model: seg eval needs the data and nothing else restated
+    best = run / "best.safetensors"
+    evaluation = ["seg", "eval", f"data.root={data}", "data.num_workers=0", "backbone.precision=bf16"]
+    assert main([*evaluation, f"head.checkpoint={best}", f"output_dir={run / 'eval'}"]) == 0
+    row = json.loads((run / "eval" / "eval_results.json").read_text())[0]
+    setting = next(line.split(":")[1].strip() for line in text.splitlines() if line.startswith("setting:"))
+    assert row["setting"] == setting, row
+    # a trained backbone: fp32 master weights under bf16 autocast in training, bf16 weights in evaluation
+    tolerance = 0.0 if "frozen: false" not in text else 0.5
+    assert abs(row["mIoU"] - record["mIoU"]) <= tolerance, (row, record)
+    capsys.readouterr()
+    assert main(["info", str(best), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["setting"], info["iter"], info["crop"]) == ("segmentor", setting, 2, 112)
+    assert info["tensors_per_part"]["decode_head"] > 0 and info["non_finite_tensors"] == []
+    assert ("backbone" in info["tensors_per_part"]) == ("frozen: false" in text)  # a trained backbone is saved
+    assert main([*evaluation, f"head.checkpoint={best}", "head.channels=8", f"output_dir={run / 'x'}"]) == 2
+    assert "was trained with head.channels = 16 (given: 8)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -47,8 +47,31 @@ def _allow_training_configs() -> AbstractContextManager:
     return torch.serialization.safe_globals([(_YacsConfigStandIn, "yacs.config.CfgNode")])
 
 
-def _select_state(obj: object, use_ema: bool, source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The head state inside a loaded file: `model_ema` if asked, else the `model`-style wrapper, else the file."""
+def _run_checkpoint_objects(obj: object) -> Mapping | None:
+    """The objects of one of our training checkpoints (`checkpoint.pth` of `cls train`: signature + objects with
+    `head` and, with EMA on, `ema`), or None for any other file."""
+    if (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("signature"), Mapping)
+        and isinstance(obj.get("objects"), Mapping)
+    ):
+        objects = obj["objects"]
+        return objects if isinstance(objects.get("head"), Mapping) else None
+    return None
+
+
+def select_head_state(obj: object, use_ema: bool, source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The head state inside a loaded file: `model_ema` if asked, else the `model`-style wrapper, else the file;
+    of our own training checkpoint, its `head` (or `ema`)."""
+    objects = _run_checkpoint_objects(obj)
+    if objects is not None:
+        entry = "ema" if use_ema else "head"
+        if not isinstance(objects.get(entry), Mapping):
+            raise InternViTError(
+                f"{source}: this training checkpoint has no EMA head (the run had train.ema=false)",
+                fix="evaluate its head (head.use_ema=false)",
+            )
+        return dict(objects[entry]), f"objects.{entry}"
     if use_ema:
         if not (isinstance(obj, Mapping) and isinstance(obj.get("model_ema"), Mapping)):
             found = ", ".join(sorted(map(str, obj))[:10]) if isinstance(obj, Mapping) else type(obj).__name__
@@ -112,7 +135,7 @@ def _read_head_state(source: str | Path, use_ema: bool) -> tuple[RawCheckpoint, 
         )
     with _allow_training_configs():
         raw = read_checkpoint(path)
-    state, entry = _select_state(raw.tensors, use_ema, str(source))
+    state, entry = select_head_state(raw.tensors, use_ema, str(source))
     return raw, state, entry
 
 
@@ -137,7 +160,7 @@ def default_class_names(num_classes: int) -> list[str]:
 def read_head_file(source: str | Path, *, use_ema: bool = False) -> HeadFileInfo:
     """Which head (kind, num_classes, class names) a file holds, so that it can be built before loading."""
     raw, state, _ = _read_head_state(source, use_ema)
-    meta = dict(raw.metadata)
+    meta = dict(raw.metadata) | _run_checkpoint_metadata(raw.tensors)
     kind = meta.get("head_kind") or meta.get("kind") or _guess_kind(state)
     weight = state.get("head.weight")
     if kind not in HEADS or weight is None:
@@ -150,6 +173,16 @@ def read_head_file(source: str | Path, *, use_ema: bool = False) -> HeadFileInfo
     names = default_class_names(num_classes) if names is None else names
     classes = _metadata_list(meta, "classes", source, num_classes) or []  # heads saved before it was recorded: []
     return HeadFileInfo(kind, num_classes, names, meta, classes)
+
+
+def _run_checkpoint_metadata(obj: object) -> dict[str, str]:
+    """What our training checkpoint's settings signature says about its head (kind, input resolution), in the keys
+    of a head file's metadata; {} for other files."""
+    if _run_checkpoint_objects(obj) is None:
+        return {}
+    head, backbone = obj["signature"].get("head", {}), obj["signature"].get("backbone", {})
+    meta = {"kind": str(head.get("kind") or ""), "img_size": str(backbone.get("img_size") or "")}
+    return {k: v for k, v in meta.items() if v}
 
 
 def _metadata_list(meta: dict[str, str], key: str, source: str | Path, num_classes: int) -> list[str] | None:

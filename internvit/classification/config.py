@@ -195,6 +195,9 @@ class ClassificationConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     output_dir: str = "runs/classification"
     device: str = "auto"  # auto | cuda | cpu
+    tensorboard: bool = (
+        False  # metrics also as TensorBoard scalars in output_dir/tensorboard/ (pip install tensorboard)
+    )
     RENAMED_FIELDS: ClassVar[dict] = {"train.amp": ("backbone.precision", {"none": "fp32"})}
 
     def __post_init__(self) -> None:

@@ -108,7 +108,7 @@ def make_scorer(name: str, dataset) -> Callable[[str, torch.Tensor, torch.Tensor
             valid, top1, top5 = real_hits(logits, [dataset.real_labels_of(i) or [] for i in idx.tolist()])
             return {"top1": top1, "top5": top5, "valid": valid}
         hits = topk_hits(logits, targets, ks=(1, 5))
-        return {"top1": hits[1], "top5": hits[5]}
+        return {"top1": hits[1], "top5": hits[5], "pred": logits.argmax(-1)}  # pred: in the set's class indices
 
     return score
 
@@ -177,10 +177,12 @@ def evaluate_sets(
     num_workers: int = 0,
     skip_corrupt: bool = False,
     per_class: list[dict[str, object]] | None = None,
+    confusions: list[dict[str, object]] | None = None,
 ) -> list[dict[str, object]]:
     """One result row per (set, head): Acc@1, Acc@5, images scored and skipped, beside the paper's linear probe.
 
-    A `per_class` list is extended with each set's per-class rows (see `per_class_rows`).
+    A `per_class` list is extended with each set's per-class rows (see `per_class_rows`), a `confusions` list with
+    its most confused class pairs (see `confused_pairs`).
     """
     rows = []
     for name, dataset in datasets.items():
@@ -222,6 +224,33 @@ def evaluate_sets(
         log.info("%s: %s", title, ", ".join(f"{r['head']} {r['acc1']:.2f}" for r in rows[-len(heads) :]))
         if per_class is not None:
             per_class.extend(per_class_rows(name, dataset, scores, list(heads)))
+        if confusions is not None:
+            confusions.extend(confused_pairs(name, dataset, scores, list(heads)))
+    return rows
+
+
+def confused_pairs(name: str, dataset, scores: dict, heads: list[str], top: int = 20) -> list[dict[str, object]]:
+    """The `top` most frequent (true class, predicted class) mistakes of every head on one set, most frequent first
+    (none for ReaL, whose images have label sets rather than one class)."""
+    rows: list[dict[str, object]] = []
+    targets = torch.as_tensor(dataset.targets)[scores["_index"]["index"]]
+    for head_name in heads:
+        pred = scores[head_name].get("pred")
+        if pred is None:
+            continue
+        wrong = pred != targets
+        pairs, counts = torch.stack([targets[wrong], pred[wrong]], 1).unique(dim=0, return_counts=True)
+        order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), pairs[i].tolist()))[:top]
+        rows += [
+            {
+                "set": name,
+                "head": head_name,
+                "true": dataset.class_names[int(pairs[i, 0])],
+                "predicted": dataset.class_names[int(pairs[i, 1])],
+                "count": int(counts[i]),
+            }
+            for i in order
+        ]
     return rows
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -35,6 +36,7 @@ from internvit.engine.distributed import (
 from internvit.engine.ema import ModelEma
 from internvit.engine.loop import LoopSettings, train
 from internvit.engine.parallelize import parallelize
+from internvit.engine.plots import plot_confusions, plot_per_class
 from internvit.engine.precision import autocast, needs_grad_scaler
 from internvit.engine.results import save_results
 from internvit.engine.run_folder import claim_run_folder
@@ -225,6 +227,7 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
             save_every=data.steps_per_epoch,
             clip_grad=t.clip_grad,
             grad_scaler=needs_grad_scaler(cfg.backbone.precision),
+            tensorboard=cfg.tensorboard,
         )
         history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if dist.is_main:
@@ -260,6 +263,7 @@ def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
         save_config(cfg, run_dir, dist, name="eval_config.yaml")  # never the training run's config.yaml
         backbone, head = _backbone_and_head(cfg, dist.device)
         per_class: list[dict[str, object]] | None = [] if cfg.data.custom else None  # a custom set: per class too
+        confusions: list[dict[str, object]] = []
         rows = evaluate_sets(
             backbone=backbone,
             heads={"head": head},
@@ -270,15 +274,27 @@ def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
             num_workers=resolve_num_workers(cfg.data.num_workers),
             skip_corrupt=cfg.data.skip_corrupt,
             per_class=per_class,
+            confusions=confusions,
         )
         if dist.is_main:
             paths = save_results(rows, run_dir, "eval_results")
             if per_class is not None:
                 paths += save_results(per_class, run_dir, "eval_per_class")
+                paths += _drawn(plot_per_class, per_class, run_dir / "eval_per_class.png", metric="acc1")
+            paths += save_results(confusions, run_dir, "eval_confusions")
+            for name in dict.fromkeys(r["set"] for r in confusions):
+                pairs = [r for r in confusions if r["set"] == name and r["head"] == "head"]
+                title = f"{name}: most confused class pairs"
+                paths += _drawn(plot_confusions, pairs, run_dir / f"eval_confusions_{name}.png", title=title)
             log.info("saved %s", ", ".join(str(p) for p in paths))
         return rows
     finally:
         cleanup_distributed()
+
+
+def _drawn(plot, rows: list[dict], path: Path, **kwargs) -> list[Path]:
+    """[path] when `plot` drew something there, else []."""
+    return [path] if plot(rows, path, **kwargs) is not None else []
 
 
 @torch.no_grad()

@@ -234,7 +234,9 @@ def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
             "world_size": dist.world_size,
         }
         checkpointer, resume = open_run(cfg, run_dir=run_dir, dist=dist, signature=signature)
-        settings = LoopSettings(total_steps=s.epochs * steps, accum_steps=1, eval_every=steps, save_every=steps)
+        settings = LoopSettings(
+            total_steps=s.epochs * steps, accum_steps=1, eval_every=steps, save_every=steps, tensorboard=cfg.tensorboard
+        )
         history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if not dist.is_main:
             return {}

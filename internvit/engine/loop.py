@@ -4,8 +4,8 @@ A task hands over a recipe (`TrainTask`): its micro-batches, its forward + loss,
 after-step updates such as EMA, evaluation, the history record). Everything else happens here, once:
 - a step of `accum_steps` micro-batches, gradients synchronised on the last one only (`no_sync` before it);
 - loss scaling for fp16, the total-norm clip (also measured when off), the optimizer and schedule steps;
-- the progress bar, metrics lines (`metrics.jsonl`, rank 0), periodic evaluation and checkpoints, and the
-  history of records that a resumed run continues;
+- the progress bar, metrics lines (`metrics.jsonl`, rank 0), periodic evaluation and checkpoints, the history of
+  records that a resumed run continues, and the picture of the curves (`training.png`) when training ends;
 - SIGTERM / SIGINT (a cluster's preemption notice, Ctrl-C): the current step finishes, a checkpoint is written and
   `TrainingInterrupted` is raised (the CLI exits with status 3); a second signal exits at once. A rerun resumes
   bit-identically, the unfinished interval's loss sums included.
@@ -33,7 +33,9 @@ from torch.distributed.tensor import DTensor
 
 from internvit.engine.checkpoint import Checkpointer, ResumePoint, ShardedOptimizerState, Stateful
 from internvit.engine.parallelize import is_sharded
+from internvit.engine.plots import plot_training, read_metrics
 from internvit.engine.progress import progress
+from internvit.engine.results import format_record
 from internvit.engine.schedule import StepScheduler
 from internvit.errors import InternViTError
 
@@ -88,6 +90,7 @@ class LoopSettings:
     save_every: int
     clip_grad: float = 0.0  # total-norm clip; 0 = off (the norm is still measured and logged)
     grad_scaler: bool = False  # fp16 loss scaling
+    tensorboard: bool = False  # every metrics record also as TensorBoard scalars in RUN/tensorboard/
 
 
 EXIT_INTERRUPTED = 3  # the exit status of a run stopped by a signal after writing its checkpoint
@@ -216,6 +219,35 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class MetricsLog:
+    """Where the main process's metrics records go: `metrics.jsonl`, and with `tensorboard` the numeric fields as
+    scalars at the optimizer step (RUN/tensorboard/, one event file per start; a resumed run continues the steps)."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
+        self.path, self.writer = run_dir / "metrics.jsonl", None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+            except ImportError as e:
+                raise InternViTError(
+                    "train.tensorboard=true needs the tensorboard package",
+                    fix="pip install tensorboard (or internvit[tensorboard]), or set train.tensorboard=false",
+                ) from e
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "iter"):
+                    self.writer.add_scalar(key, value, global_step=step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def train(
     task: TrainTask, *, settings: LoopSettings, checkpointer: Checkpointer, resume: ResumePoint | None
 ) -> list[dict[str, Any]]:
@@ -244,12 +276,18 @@ def train(
     if state.interval is not None:
         totals.restore(state.interval, dist.rank)
         state.interval = None
-    with StopSignals() as signals:
-        _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals)
+    metrics = MetricsLog(run_dir, tensorboard=settings.tensorboard) if dist.is_main else None
+    try:
+        with StopSignals() as signals:
+            _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals, metrics)
+    finally:  # finished, interrupted or diverged: the curves so far
+        if metrics is not None:
+            metrics.close()
+            plot_training(read_metrics(metrics.path), run_dir / "training.png")
     return state.history
 
 
-def _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals) -> None:
+def _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals, metrics) -> None:
     """The steps from state.step on; on a signal, a checkpoint of the step just done, then TrainingInterrupted."""
     model, optimizer, scheduler = task.model, task.optimizer, task.scheduler
     dist, run_dir = checkpointer.dist, checkpointer.run_dir
@@ -281,9 +319,9 @@ def _steps(task, settings, checkpointer, objects, state, totals, batches, params
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{lr:.3g}")
         record = task.log_record(step, info)
-        if record is not None and dist.is_main:
-            append_jsonl(run_dir / "metrics.jsonl", record)
-        saved = _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir)
+        if record is not None and metrics is not None:
+            metrics.write(record, done)
+        saved = _boundary(task, done, settings, state, totals, checkpointer, objects, metrics)
         signum = _agree_stop(signals, dist.device)
         if signum is not None:
             bar.close()
@@ -327,7 +365,7 @@ def _accumulate(task, model, batches, scaler, totals: _Totals, accum: int) -> di
     return dict(zip(logs, values.tolist(), strict=True))  # one device sync per step
 
 
-def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, run_dir) -> bool:
+def _boundary(task, done, settings, state, totals, checkpointer, objects, metrics) -> bool:
     """Evaluation, the history record and the checkpoint due after `done` steps; whether a checkpoint was written."""
     last = done == settings.total_steps
     evaluate = done % settings.eval_every == 0 or last
@@ -338,9 +376,9 @@ def _boundary(task, done, settings, state, totals, checkpointer, objects, dist, 
     record = task.summarize(done, totals.reduce(), evaluation)
     if record is not None:
         state.history.append(record)
-        log.info("step %d: %s", done, record)
-        if dist.is_main:
-            append_jsonl(run_dir / "metrics.jsonl", record)
+        log.info("step %d: %s", done, format_record(record))
+        if metrics is not None:
+            metrics.write(record, done)
     if save:
         checkpointer.save(objects)
     totals.reset()  # the next interval's clock starts after the checkpoint is written

@@ -28,6 +28,11 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join([line(headers), line("-" * w for w in widths), *body])
 
 
+def format_record(record: dict[str, object]) -> str:
+    """A record as one readable log line: `key value` pairs, floats to 4 significant digits (files keep them all)."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
 def save_results(rows: list[dict[str, object]], out_dir: str | Path, stem: str) -> list[Path]:
     """Write `stem.json`, `stem.csv` and `stem.md` into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)

@@ -43,11 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from internvit.atomic import atomic_path
 from internvit.engine.checkpoint import read_run_state
-from internvit.engine.config import load_config, to_dict
+from internvit.engine.config import config_from_dict, load_config, to_dict
 from internvit.errors import InternViTError
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.segmentor import Segmentor
@@ -276,3 +277,73 @@ def export_segmentor(run_dir: str | Path, out: str | Path | None = None) -> Path
     path = Path(out) if out else run_dir / "export.safetensors"
     save_segmentor(None, cfg, path, extra={"iter": plain["objects"]["loop"]["step"]}, state=state)
     return path
+
+
+# What a saved segmentor's metadata decides for `seg eval`: the model and the resolution it was trained at. The data
+# location, the evaluation settings (scales, flip, batch) and the device stay the caller's.
+SAVED_SETTINGS = (
+    "setting",
+    "head",
+    "backbone.preset",
+    "backbone.out_indices",
+    "backbone.frozen",
+    "data.crop",
+    "data.img_scale",
+    "data.test_short",
+    "data.test_resize",
+)
+
+
+def with_saved_settings(cfg: SegmentationConfig) -> SegmentationConfig:
+    """`cfg` with the settings stored in `head.checkpoint` (a file written by seg train or export), so that an
+    evaluation needs none of them restated and reports the setting the file was trained for. A value the caller set
+    (not the default) that the file contradicts is an error; files without stored settings leave `cfg` as it is."""
+    source = Path(cfg.head.checkpoint).expanduser()
+    if not (source.is_file() and source.suffix == ".safetensors"):
+        return cfg
+    with safe_open(source, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        return cfg
+    saved, given, default = json.loads(meta["config"]), to_dict(cfg), to_dict(SegmentationConfig())
+    merged = json.loads(json.dumps(given))
+    conflicts = []
+    for name in SAVED_SETTINGS:
+        *path, key = name.split(".")
+        stored, mine, base = (_section(d, path)[key] for d in (saved, given, default))
+        if name == "head":  # the head section but its checkpoint: that is the file itself
+            stored = {**stored, "checkpoint": mine["checkpoint"]}
+            base = {**_section(default, path)[key], "checkpoint": mine["checkpoint"]}
+        conflicts += _conflicts(name, stored, mine, base)
+        _section(merged, path)[key] = stored
+    if conflicts:
+        raise InternViTError(
+            f"{source} was trained with {'; '.join(conflicts)}",
+            fix="drop these settings: seg eval takes them from the file",
+        )
+    # what follows data.crop is derived again from the file's crop (unless the caller chose a stride)
+    default_stride = SegmentationConfig(data=cfg.data).eval.stride
+    merged["backbone"]["img_size"] = merged["eval"]["crop"] = None
+    if given["eval"]["stride"] == default_stride:
+        merged["eval"]["stride"] = None
+    merged["train"]["parallel"] = None
+    if given["backbone"]["checkpoint"] == default["backbone"]["checkpoint"]:
+        merged["backbone"]["checkpoint"] = saved["backbone"]["checkpoint"]
+    log.info("settings from %s: setting %s, head %s", source, saved["setting"], saved["head"]["kind"])
+    return config_from_dict(SegmentationConfig, merged)
+
+
+def _section(data: dict, path: list[str]) -> dict:
+    for key in path:
+        data = data[key]
+    return data
+
+
+def _conflicts(name: str, stored: object, mine: object, base: object) -> list[str]:
+    """'name = stored (given: mine)' for each value the caller changed from the default to something else than the
+    file's; dicts field by field."""
+    if isinstance(stored, dict):
+        return [c for k in stored for c in _conflicts(f"{name}.{k}", stored[k], mine.get(k), base.get(k))]
+    if mine != base and mine != stored and stored is not None:
+        return [f"{name} = {stored!r} (given: {mine!r})"]
+    return []

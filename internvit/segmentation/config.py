@@ -142,6 +142,9 @@ class SegmentationConfig:
     setting: str = "linear_probe"  # which row of the paper's table this run reproduces (PAPER_MIOU key)
     output_dir: str = "runs/segmentation"
     device: str = "auto"
+    tensorboard: bool = (
+        False  # metrics also as TensorBoard scalars in output_dir/tensorboard/ (pip install tensorboard)
+    )
     RENAMED_FIELDS: ClassVar[dict] = {"backbone.dtype": ("backbone.precision", {})}
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ from internvit.engine.loop import LoopSettings, train
 from internvit.engine.memory import check_fits
 from internvit.engine.optim import build_adamw
 from internvit.engine.parallelize import FSDPSettings, broadcast_buffers, gathered, parallelize
+from internvit.engine.plots import plot_per_class
 from internvit.engine.precision import autocast_dtype, needs_grad_scaler
 from internvit.engine.results import save_results
 from internvit.engine.run_folder import claim_run_folder
@@ -48,7 +49,12 @@ from internvit.segmentation.build import (
     optimize_frozen_backbone,
     plan_training,
 )
-from internvit.segmentation.checkpoints import load_segmentation_checkpoint, load_segmentor_weights, save_segmentor
+from internvit.segmentation.checkpoints import (
+    load_segmentation_checkpoint,
+    load_segmentor_weights,
+    save_segmentor,
+    with_saved_settings,
+)
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.data import (
     build_seg_dataset,
@@ -92,6 +98,7 @@ def _report(cfg: SegmentationConfig, acc, out_dir: Path, extra: dict) -> list[di
     rows, per_class = result_rows(acc, class_names=names, setting=cfg.setting, paper=paper, extra=extra)
     save_results(rows, out_dir, "eval_results")
     save_results(per_class, out_dir, "eval_per_class")
+    plot_per_class(per_class, out_dir / "eval_per_class.png", metric="IoU", title=f"{cfg.setting}: IoU per class")
     return rows
 
 
@@ -263,6 +270,7 @@ def run_train(cfg: SegmentationConfig) -> dict:
             eval_every=t.eval_every,
             save_every=t.save_every,
             grad_scaler=needs_grad_scaler(cfg.backbone.precision) and not cfg.backbone.frozen,
+            tensorboard=cfg.tensorboard,
         )
         history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if dist.is_main:
@@ -277,7 +285,7 @@ def run_eval(cfg: SegmentationConfig) -> list[dict]:
     """Slide-window evaluation on the validation split (every image once across ranks): mIoU, mAcc, aAcc, per class.
 
     The settings go to `output_dir/eval_config.yaml` (a training run's config.yaml in that folder stays as it is)."""
-    cfg = with_dataset_classes(cfg)
+    cfg = with_dataset_classes(with_saved_settings(cfg))
     dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
         val_set = build_val_set(cfg.data, cfg.eval)
