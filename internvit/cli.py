@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 from internvit import __version__
 from internvit.classification.config import ClassificationConfig
@@ -20,7 +21,7 @@ from internvit.classification.run import run_eval as run_cls_eval
 from internvit.classification.run import run_train as run_cls_train
 from internvit.classification.sweep import run_sweep
 from internvit.demo import run_demo
-from internvit.engine.config import load_config
+from internvit.engine.config import load_config, to_dict
 from internvit.engine.distributed import setup_logging
 from internvit.engine.loop import EXIT_INTERRUPTED, TrainingInterrupted
 from internvit.engine.precision import DTYPES
@@ -29,7 +30,7 @@ from internvit.errors import InternViTError
 from internvit.info import describe
 from internvit.model import PRESETS, InternViT, count_flops, count_params
 from internvit.segmentation.build import plan_training
-from internvit.segmentation.checkpoints import export_segmentor
+from internvit.segmentation.checkpoints import export_segmentor, with_saved_settings
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.run import run_eval as run_seg_eval
 from internvit.segmentation.run import run_segment
@@ -249,6 +250,20 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def _add_config_args(p: argparse.ArgumentParser, kind: str = "classification") -> None:
     p.add_argument("--config", help=f"YAML file of settings over the paper defaults (see configs/{kind}/)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings that win over the file")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved settings as YAML and exit (nothing runs)"
+    )
+    p.set_defaults(config_kind=kind)
+
+
+def print_config(args: argparse.Namespace) -> None:
+    """The settings a config command would run with: defaults, file, overrides and derived fields, as YAML."""
+    if args.config_kind == "segmentation":
+        cfg = _segmentation_config(args)
+        cfg = with_saved_settings(cfg) if args.func is cmd_seg_eval else cfg  # what seg eval takes from the file
+    else:
+        cfg = _classification_config(args)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,7 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)
     try:
-        args.func(args)
+        if getattr(args, "print_config", False):
+            print_config(args)
+        else:
+            args.func(args)
     except InternViTError as e:
         print(f"internvit: error: {e.message}", file=sys.stderr)
         if e.fix:

@@ -8,13 +8,17 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from internvit import __version__
 from internvit.atomic import UMASK, write_json
+from internvit.classification.config import ClassificationConfig
 from internvit.cli import main
 from internvit.engine import progress as progress_module
+from internvit.engine.config import load_config, to_dict
 from internvit.errors import InternViTError
 from internvit.model import build_model, get_config
+from internvit.segmentation.config import SegmentationConfig
 
 CLS_CASES = [
     ("eval.batch_size=-1", "eval.batch_size must be >= 1, got -1"),
@@ -146,3 +150,17 @@ def test_models_lists_the_released_head_tag(capsys):
     rows = {r["tag"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["internvit-6b-224px.head"]["source"] == "OpenGVLab/InternVL/intern_vit_6b_224px_head.pth"
     assert "internvit-6b-224px.hf" in rows
+
+
+@pytest.mark.parametrize(
+    ("command", "cls"), [(["cls", "eval"], ClassificationConfig), (["seg", "train"], SegmentationConfig)]
+)
+def test_print_config_is_the_resolved_config_and_runs_nothing(command, cls, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main([*command, "--print-config", "data.num_workers=3", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    cfg = load_config(cls, None, ["data.num_workers=3", f"output_dir={out}"])
+    assert yaml.safe_load(printed) == to_dict(cfg) and cfg.data.num_workers == 3
+    assert not out.exists()  # nothing ran
+    assert main([*command, "--print-config", "data.num_workerz=3"]) == 2  # the same checks as a run
+    assert "did you mean data.num_workers" in capsys.readouterr().err
