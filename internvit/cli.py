@@ -25,7 +25,7 @@ from internvit.engine.config import load_config, to_dict
 from internvit.engine.distributed import setup_logging
 from internvit.engine.loop import EXIT_INTERRUPTED, TrainingInterrupted
 from internvit.engine.precision import DTYPES
-from internvit.engine.results import format_table
+from internvit.engine.results import format_record, format_table
 from internvit.errors import InternViTError
 from internvit.info import describe
 from internvit.model import PRESETS, InternViT, count_flops, count_params
@@ -198,7 +198,7 @@ def _segmentation_config(args: argparse.Namespace):
 def cmd_seg_train(args: argparse.Namespace) -> None:
     summary = run_seg_train(_segmentation_config(args))
     if summary["best"] is not None:  # rank 0 only
-        print(f"best: {summary['best']}")
+        print(f"best: {format_record(summary['best'])}")
 
 
 def cmd_seg_eval(args: argparse.Namespace) -> None:

@@ -38,7 +38,7 @@ from internvit.engine.loop import LoopSettings, train
 from internvit.engine.parallelize import parallelize
 from internvit.engine.plots import plot_confusions, plot_per_class
 from internvit.engine.precision import autocast, needs_grad_scaler
-from internvit.engine.results import save_results
+from internvit.engine.results import log_done, save_results
 from internvit.engine.run_folder import claim_run_folder
 from internvit.engine.schedule import StepScheduler, cosine_lr
 from internvit.errors import InternViTError
@@ -244,7 +244,11 @@ def run_train(cfg: ClassificationConfig) -> dict[str, object]:
             if recipe.ema is not None:
                 save_head(recipe.ema.module, run_dir / "head_ema.safetensors", metadata=meta)
             save_results(history, run_dir, "train_history")
-            log.info("heads saved to %s", run_dir)
+            last = history[-1] if history else {}
+            scores = ", ".join(
+                f"{k.removeprefix('val_acc1_')} {v:.2f}" for k, v in last.items() if k.startswith("val_acc1_")
+            )
+            log_done("cls train", f"val top-1 {scores or 'not evaluated'} after epoch {last.get('epoch')}", run_dir)
         return {"history": history, "lr": lr, "accum_steps": data.accum}
     finally:
         cleanup_distributed()
@@ -286,7 +290,8 @@ def run_eval(cfg: ClassificationConfig) -> list[dict[str, object]]:
                 pairs = [r for r in confusions if r["set"] == name and r["head"] == "head"]
                 title = f"{name}: most confused class pairs"
                 paths += _drawn(plot_confusions, pairs, run_dir / f"eval_confusions_{name}.png", title=title)
-            log.info("saved %s", ", ".join(str(p) for p in paths))
+            log.debug("saved %s", ", ".join(str(p) for p in paths))
+            log_done("cls eval", ", ".join(f"{r['set']} top-1 {r['acc1']:.2f}" for r in rows), run_dir)
         return rows
     finally:
         cleanup_distributed()

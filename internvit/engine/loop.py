@@ -321,6 +321,7 @@ def _steps(task, settings, checkpointer, objects, state, totals, batches, params
         record = task.log_record(step, info)
         if record is not None and metrics is not None:
             metrics.write(record, done)
+            log.info("%s", format_record(record))
         saved = _boundary(task, done, settings, state, totals, checkpointer, objects, metrics)
         signum = _agree_stop(signals, dist.device)
         if signum is not None:
@@ -376,7 +377,7 @@ def _boundary(task, done, settings, state, totals, checkpointer, objects, metric
     record = task.summarize(done, totals.reduce(), evaluation)
     if record is not None:
         state.history.append(record)
-        log.info("step %d: %s", done, format_record(record))
+        log.info("%s", format_record(record))
         if metrics is not None:
             metrics.write(record, done)
     if save:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 
 from internvit.atomic import atomic_path, write_json
@@ -31,6 +32,11 @@ def format_table(rows: list[dict[str, object]]) -> str:
 def format_record(record: dict[str, object]) -> str:
     """A record as one readable log line: `key value` pairs, floats to 4 significant digits (files keep them all)."""
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+
+
+def log_done(command: str, best: str, out_dir: str | Path) -> None:
+    """The last line of every command that writes a folder: what ran, its headline figure, where the results are."""
+    logging.getLogger("internvit").info("%s done: %s; results in %s", command, best, out_dir)
 
 
 def save_results(rows: list[dict[str, object]], out_dir: str | Path, stem: str) -> list[Path]:

@@ -39,7 +39,7 @@ from internvit.engine.optim import build_adamw
 from internvit.engine.parallelize import FSDPSettings, broadcast_buffers, gathered, parallelize
 from internvit.engine.plots import plot_per_class
 from internvit.engine.precision import autocast_dtype, needs_grad_scaler
-from internvit.engine.results import save_results
+from internvit.engine.results import log_done, save_results
 from internvit.engine.run_folder import claim_run_folder
 from internvit.engine.schedule import StepScheduler, poly_lr
 from internvit.errors import InternViTError
@@ -99,6 +99,7 @@ def _report(cfg: SegmentationConfig, acc, out_dir: Path, extra: dict) -> list[di
     save_results(rows, out_dir, "eval_results")
     save_results(per_class, out_dir, "eval_per_class")
     plot_per_class(per_class, out_dir / "eval_per_class.png", metric="IoU", title=f"{cfg.setting}: IoU per class")
+    log_done("seg eval", f"mIoU {rows[0]['mIoU']} ({cfg.setting})", out_dir)
     return rows
 
 
@@ -275,7 +276,10 @@ def run_train(cfg: SegmentationConfig) -> dict:
         history = train(recipe, settings=settings, checkpointer=checkpointer, resume=resume)
         if dist.is_main:
             save_results(history, run_dir, "train_history")
-            log.info("best: %s; weights in %s", recipe.best, run_dir)
+            best = recipe.best or {}
+            log_done(
+                "seg train", f"best mIoU {best.get('mIoU')} at iter {best.get('iter')} (best.safetensors)", run_dir
+            )
         return {"history": history, "best": recipe.best if dist.is_main else None, "split_hash": hash_}
     finally:
         cleanup_distributed()

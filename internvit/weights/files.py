@@ -1,4 +1,5 @@
-"""Reading checkpoint files: .pth/.bin pickles (weights_only), safetensors, sharded index folders, hub repos.
+"""Reading checkpoint files: .pth/.bin pickles (weights_only), safetensors, sharded index folders, hub repos (of an
+InternVL chat repo, only the shards of its vision tower are fetched: `backbone_shards`).
 
 Integrity checks live here too, shared by every loader: shard indexes may only name files inside their own folder;
 our safetensors files carry a `content_sha256` (see `content_sha256`) that is verified whenever they are read, unless
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -18,6 +20,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +28,10 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import SafetensorError, safe_open
 
 from internvit.errors import InternViTError
+from internvit.weights.keymaps import SET_ASIDE, VISION_PREFIXES, detect_layout
 from internvit.weights.tags import PretrainedTag, resolve_tag
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -191,28 +197,65 @@ def _allowed_roots(folder: Path) -> list[Path]:
     return roots
 
 
-def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
-    """The weight map and the shard files of a sharded index (`*.index.json`), checked before any shard is read:
-    the index must be a JSON object with a non-empty `weight_map` of tensor name -> shard file name; every shard
-    must lie inside the index's folder (no absolute path, no `..`, no symlink out of it) and exist."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InternViTError(f"{index}: not a valid shard index (not JSON: {e})", fix=_BAD_INDEX) from e
+def _weight_map(data: object, where: object) -> dict[str, str]:
+    """The `weight_map` of a parsed shard index: a non-empty object of tensor name -> shard file name, or an error."""
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InternViTError(
-            f"{index}: not a valid shard index (needs a non-empty 'weight_map' object of tensor name -> shard file)",
+            f"{where}: not a valid shard index (needs a non-empty 'weight_map' object of tensor name -> shard file)",
             fix=_BAD_INDEX,
         )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise InternViTError(
+                f"{where}: weight_map entry {key!r} is {json.dumps(name)}, not a shard file name", fix=_BAD_INDEX
+            )
+    return weight_map
+
+
+def _parse_index(index: Path) -> Any:
+    try:
+        return json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InternViTError(f"{index}: not a valid shard index (not JSON: {e})", fix=_BAD_INDEX) from e
+
+
+def backbone_shards(
+    index: Mapping[str, object], prefixes: tuple[str, ...] = VISION_PREFIXES, *, where: object = "shard index"
+) -> list[str]:
+    """The shard files of a parsed shard index that hold the vision backbone, sorted: those with tensors under the
+    first of `prefixes` any tensor has (an InternVL chat repo: the vision tower, not the LLM; a clip_projector
+    beside it too), as `to_native` splits them; every shard when no tensor has a prefix and the names are a bare
+    backbone's (an InternViT repo); a clear error when the index holds no vision backbone at all."""
+    weight_map = _weight_map(index, where)
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in weight_map)), None)
+    if prefix is None:
+        try:
+            detect_layout(list(weight_map))
+        except InternViTError:
+            shown = ", ".join(sorted(weight_map)[:_MAX_LISTED])
+            raise InternViTError(
+                f"{where}: no tensor of a vision backbone in it (none under {', '.join(prefixes)}, and no bare "
+                f"InternViT keys; first keys: {shown})",
+                fix="pass an InternViT repo, or an InternVL chat repo whose index maps its vision tower to shards",
+            ) from None
+        return sorted(set(weight_map.values()))
+    keep = (prefix, *SET_ASIDE)
+    return sorted({name for key, name in weight_map.items() if key.startswith(keep)})
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
+    """The weight map and the shard files of a sharded index (`*.index.json`), checked before any shard is read:
+    the index must be a JSON object with a non-empty `weight_map` of tensor name -> shard file name; every shard
+    must lie inside the index's folder (no absolute path, no `..`, no symlink out of it) and exist, except shards
+    that hold no backbone tensor (an InternVL chat repo fetched for its vision tower: `backbone_shards`), which
+    are skipped. Returns the weight map of the shards that are read, and their files."""
+    data = _parse_index(index)
+    weight_map = _weight_map(data, index)
     folder = index.parent.resolve()
     roots = _allowed_roots(folder)
     shards: dict[str, Path] = {}
     for key, name in weight_map.items():
-        if not isinstance(name, str) or not name:
-            raise InternViTError(
-                f"{index}: weight_map entry {key!r} is {json.dumps(name)}, not a shard file name", fix=_BAD_INDEX
-            )
         if name in shards:
             continue
         rel = Path(name)
@@ -234,13 +277,20 @@ def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
                 fix=_BAD_INDEX,
             )
         shards[name] = folder / rel
-    missing = [name for name, shard in shards.items() if not shard.is_file()]
-    if missing:
-        raise InternViTError(
-            f"{index}: {len(missing)} shard file(s) it lists are missing: {', '.join(missing)}",
-            fix="download the whole repository (every shard next to the index)",
-        )
-    return weight_map, list(shards.values())
+    absent = [name for name, shard in shards.items() if not shard.is_file()]
+    if absent:
+        needed = set(backbone_shards(data, where=index))
+        missing = [name for name in absent if name in needed]
+        if missing:
+            held = next(k for k, name in weight_map.items() if name == missing[0])
+            raise InternViTError(
+                f"{index}: {len(missing)} shard file(s) it lists are missing: {', '.join(missing)} "
+                f"(they hold backbone tensors, e.g. {held})",
+                fix="download the whole repository (every shard next to the index)",
+            )
+        log.info("%s: %d shard(s) outside the vision backbone are not here, skipped", index, len(absent))
+        shards = {name: shard for name, shard in shards.items() if name not in absent}
+    return {k: name for k, name in weight_map.items() if name in shards}, list(shards.values())
 
 
 def _load_index(index: Path, verify_hash: bool) -> RawCheckpoint:
@@ -303,13 +353,30 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def _fetch_repo(repo_id: str, *, local_only: bool) -> Path:
+    """A repo's configs and the weight files of its vision backbone only: the json files first, then, where a shard
+    index lists the files, just the shards `backbone_shards` names (not an InternVL chat repo's LLM), else every
+    single file; safetensors, else (older repos) .bin pickles."""
+    folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=local_only))
+    for index_name, pattern in zip(INDEX_NAMES, ("*.safetensors", "*.bin"), strict=True):
+        index = folder / index_name
+        if index.is_file():
+            wanted = backbone_shards(_parse_index(index), where=f"{repo_id}: {index_name}")
+            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", *wanted], local_files_only=local_only))
+            absent = [name for name in wanted if not (folder / name).is_file()]
+            if absent and local_only:  # a partial hub cache: `download` fetches them (online, the loader names them)
+                raise FileNotFoundError(f"{repo_id}: shard(s) not in the hub cache: {', '.join(absent)}")
+            return folder
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", pattern], local_files_only=local_only))
+        if any(folder.glob(pattern)):
+            return folder
+    return folder
+
+
 def _fetch(repo_id: str, filename: str | None, *, local_only: bool) -> Path:
     if filename:
         return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
-    folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"], local_files_only=local_only))
-    if not any(folder.glob("*.safetensors")):  # an older repo with only pytorch_model*.bin files
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin"], local_files_only=local_only))
-    return folder
+    return _fetch_repo(repo_id, local_only=local_only)
 
 
 def download(repo_id: str, filename: str | None = None) -> Path:
@@ -324,12 +391,16 @@ def download(repo_id: str, filename: str | None = None) -> Path:
     )
     try:
         return _fetch(repo_id, filename, local_only=True)
+    except InternViTError:  # the repo's own index is unusable (no vision backbone, malformed): fetching won't help
+        raise
     except Exception:  # noqa: BLE001 - not in the cache (the error type varies by hub version): fetch it
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not hub_reachable():
         raise InternViTError(f"{what} is not in the local hub cache and the Hugging Face Hub is not reachable", fix=fix)
     try:
         return _fetch(repo_id, filename, local_only=False)
+    except InternViTError:
+        raise
     except Exception as e:  # hub errors vary by version and network state; all mean "not available here"
         raise InternViTError(f"could not fetch {what} from the Hugging Face Hub ({type(e).__name__})", fix=fix) from e
 
