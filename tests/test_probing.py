@@ -13,10 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from internvit.classification.features import feature_variant, knn_scores, load_features
+from internvit.classification.build import build_backbone
+from internvit.classification.config import ClassificationConfig
+from internvit.classification.evaluate import build_train_set
+from internvit.classification.features import (
+    FeatureShards,
+    backbone_features,
+    feature_variant,
+    knn_scores,
+    load_features,
+)
+from internvit.classification.sweep import CachedFeatures
 from internvit.cli import main
+from internvit.data.transforms import build_train_transform
 from internvit.demo import classification_overrides, make_demo_checkpoint
 from internvit.demo.imagenet import make_mini_imagenet
+from internvit.engine.config import load_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -175,3 +187,48 @@ def test_extraction_names_a_corrupt_image_or_skips_and_counts_it(mini, tmp_path,
     rows = {r["set"]: r for r in json.loads((tmp_path / "g" / "extract_results.json").read_text())}
     assert (rows["train"]["images"], rows["train"]["skipped"], rows["train"]["backbone_forwards"]) == (12, 1, 11)
     assert len(load_features(tmp_path / "g", "train")["index"]) == 11
+
+
+def test_augmented_views_are_seeded_per_image_and_view_and_the_sweep_streams_them(mini, tmp_path):
+    """features.views=K: K views of each training image through the paper's train transform, each the seeded
+    (image, view) draw of that transform whatever the process; the sweep trains epoch e on view e % K, reading the
+    memory-mapped shards a batch at a time."""
+    root, paths, checkpoint = mini
+    out = tmp_path / "features"
+    extra = {"features.sets": "[train,in1k]", "features.views": 2, "features.dtype": "fp32"}
+    assert main(["cls", "extract", *settings(paths, checkpoint, out, **extra)]) == 0
+    rows = {r["set"]: r for r in json.loads((out / "extract_results.json").read_text())}
+    assert [rows[f"train.v{k}"]["backbone_forwards"] for k in (0, 1)] == [240, 240]  # one forward per view
+    assert rows["train.v0"]["paper_mode_forwards"] + rows["train.v1"]["paper_mode_forwards"] == 240 * 10
+    views = [load_features(out, f"train.v{k}") for k in (0, 1)]
+    assert not torch.allclose(views[0]["cls"], views[1]["cls"])  # two different crops
+    # view k of image i is the train transform seeded by (seed, k, i): recompute two of them directly
+    cfg = load_config(ClassificationConfig, None, settings(paths, checkpoint, out, **extra))
+    dataset = build_train_set(cfg.data, build_train_transform(cfg.backbone.img_size))
+    dataset.sample_seed = cfg.train.seed
+    backbone, _ = build_backbone(
+        str(checkpoint), preset=None, img_size=cfg.backbone.img_size, device=torch.device("cpu")
+    )
+    for k, i in ((0, 5), (1, 5), (1, 131)):
+        dataset.set_epoch(k)
+        image = dataset[i][0][None]
+        expected = backbone_features(backbone, image, "fp32")["cls"][0]
+        row = int((views[k]["index"] == i).nonzero())
+        torch.testing.assert_close(views[k]["cls"][row], expected, rtol=1e-3, atol=1e-3)  # another crop: O(1) off
+    # memory-mapped rows equal the loaded ones, across shard borders and in any order
+    shards = FeatureShards(out, "train.v1")
+    positions = torch.tensor([239, 0, 47, 48, 120, 5])
+    picked = shards.rows(positions)
+    assert all(torch.equal(picked[key], views[1][key][positions]) for key in ("cls", "mean", "cls4", "target"))
+    cached = CachedFeatures([FeatureShards(out, f"train.v{k}") for k in (0, 1)], torch.arange(240))
+    for epoch in (0, 1, 2):
+        cached.set_epoch(epoch)
+        stored, target = cached.__getitems__([3, 200])
+        assert torch.equal(stored["cls"], views[epoch % 2]["cls"][[3, 200]]) and torch.equal(
+            target, views[0]["target"][[3, 200]]
+        )
+    sweep = {"sweep.lrs": "[0.1]", "sweep.variants": "[cls_mean]", "sweep.epochs": 2, "sweep.holdout": 40}
+    sweep["sweep.batch_size"] = 50
+    assert main(["cls", "sweep", *settings(paths, checkpoint, out, **extra, **sweep)]) == 0
+    (result,) = json.loads((out / "results" / "sweep_results.json").read_text())
+    assert result["set"] == "in1k" and result["num_images"] == 60

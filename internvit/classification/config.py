@@ -119,8 +119,13 @@ class FeaturesConfig:
     sets: list[str] = field(default_factory=lambda: ["train", "in1k"])  # train and any test sets (or custom)
     shard_size: int = 1024  # images per shard: the unit of resumption and of the split across processes
     dtype: str = "bf16"  # bf16 | fp16 | fp32 storage
+    # 0: the training split in one view, the eval transform (center crop); K >= 1: K views through the paper's
+    # train transform (RandomResizedCrop + flip), seeded per (image, view); the sweep trains epoch e on view e % K
+    views: int = 0
 
     def __post_init__(self) -> None:
+        if self.views < 0:
+            raise ValueError(f"features.views must be >= 0, got {self.views}")
         if self.shard_size < 1:
             raise ValueError(f"features.shard_size must be >= 1, got {self.shard_size}")
         if self.dtype not in FEATURE_DTYPES:

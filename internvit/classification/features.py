@@ -1,15 +1,19 @@
 """Frozen features computed once: `cls extract` writes them in shards, `cls knn` scores weighted kNN on them.
 
-For a frozen backbone the forward pass is the whole cost of probing. Extraction runs it once per image (the eval
-transform: resize + center crop) and stores, per image, the cls token of the last block (`cls`), the mean of the
-last block's patch tokens (`mean`; cls || mean is the paper head's input) and the cls tokens of the last 4 blocks
-(`cls4`), in bf16 (or fp16 / fp32), with the image's dataset index and target.
+For a frozen backbone the forward pass is the whole cost of probing. Extraction runs it once per image and view
+(by default one view, the eval transform: resize + center crop; with `features.views=K`, K views of the training
+split through the paper's train transform, RandomResizedCrop + flip, seeded per (image, view)) and stores, per
+image, the cls token of the last block (`cls`), the mean of the last block's patch tokens (`mean`; cls || mean is
+the paper head's input) and the cls tokens of the last 4 blocks (`cls4`), in bf16 (or fp16 / fp32), with the image's
+dataset index and target.
 
 Layout of a feature folder: `manifest.json` (the backbone file's identity, preset, resolution, transform, dtype,
 variants, and per set its image count, shard size and the sha256 of its image list) and `<set>/shard_%05d.safetensors`
-of `shard_size` images each. Shards are written atomically and skipped when present, so a killed extraction resumes
-at shard granularity; rank r of W extracts shards r, r + W, ... (each image exactly once). Features are read back
-memory-mapped. A folder made with another backbone, resolution, transform or image list is refused.
+of `shard_size` images each (the K views of the training split are the sets `train.v0` ... `train.v{K-1}`). Shards
+are written atomically and skipped when present, so a killed extraction resumes at shard granularity; rank r of W
+extracts shards r, r + W, ... (each image exactly once). Features are read back memory-mapped (`FeatureShards`):
+training on them reads the rows a batch needs, never the whole set. A folder made with another backbone,
+resolution, transform or image list is refused.
 """
 
 from __future__ import annotations
@@ -203,30 +207,91 @@ def extract(
     return forwards
 
 
-def load_features(root: Path, name: str, variants: Sequence[str] = VARIANTS) -> dict[str, torch.Tensor]:
-    """One set's features (memory-mapped shards, concatenated), with `index` and `target`, in dataset order."""
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
+def train_set_names(views: int) -> list[str]:
+    """The cached sets of the training split: `train` (one center crop), or `train.v0` ... for K augmented views."""
+    return ["train"] if views == 0 else [f"train.v{k}" for k in range(views)]
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
         raise InternViTError(f"no {MANIFEST} in {root}", fix="run `internvit cls extract` first (features.out=DIR)")
-    manifest = json.loads(manifest_path.read_text())
-    entry = manifest.get("sets", {}).get(name)
-    if entry is None:
-        raise InternViTError(
-            f"{root} holds no features of set {name!r} (it has: {', '.join(manifest.get('sets', {})) or 'none'})",
-            fix=f"extract it: internvit cls extract features.sets=[{name}]",
-        )
-    missing = [k for k in range(entry["num_shards"]) if not shard_path(root, name, k).is_file()]
-    if missing:
-        raise InternViTError(
-            f"{root}/{name} lacks {len(missing)} of its {entry['num_shards']} shards (e.g. {missing[0]})",
-            fix="rerun the same `internvit cls extract` to finish it",
-        )
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in (*variants, "index", "target")}
-    for k in range(entry["num_shards"]):
-        with safe_open(str(shard_path(root, name, k)), framework="pt") as f:
-            for key in parts:
-                parts[key].append(f.get_tensor(key))
-    return {key: torch.cat(values) for key, values in parts.items()}
+    return json.loads(path.read_text())
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def map_shard(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors `keys` of one safetensors shard as views into a private memory map of the file: nothing is read
+    until a row is used. (safetensors' own loaders copy every tensor into memory, which a 1.28M-image training set
+    in bf16, 38 KB per image, does not fit.) A tensor whose offset is not aligned to its element size is read."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    out = {}
+    for key in keys:
+        info = header[key]
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin = 8 + size + info["data_offsets"][0]
+        width = torch.empty(0, dtype=dtype).element_size()
+        if begin % width:
+            with safe_open(str(path), framework="pt") as f:
+                out[key] = f.get_tensor(key)
+            continue
+        out[key] = torch.empty(0, dtype=dtype).set_(storage, begin // width, info["shape"])
+    return out
+
+
+class FeatureShards:
+    """One cached set, memory-mapped shard by shard, in dataset order: `index` and `target` in memory, the feature
+    variants read by `rows(positions)` where they are needed."""
+
+    def __init__(self, root: Path, name: str, variants: Sequence[str] = VARIANTS) -> None:
+        manifest = read_manifest(root)
+        entry = manifest.get("sets", {}).get(name)
+        if entry is None:
+            raise InternViTError(
+                f"{root} holds no features of set {name!r} (it has: {', '.join(manifest.get('sets', {})) or 'none'})",
+                fix=f"extract it: internvit cls extract features.sets=[{name.split('.')[0]}]",
+            )
+        missing = [k for k in range(entry["num_shards"]) if not shard_path(root, name, k).is_file()]
+        if missing:
+            raise InternViTError(
+                f"{root}/{name} lacks {len(missing)} of its {entry['num_shards']} shards (e.g. {missing[0]})",
+                fix="rerun the same `internvit cls extract` to finish it",
+            )
+        self.variants = tuple(variants)
+        keys = (*self.variants, "index", "target")
+        self.shards = [map_shard(shard_path(root, name, k), keys) for k in range(entry["num_shards"])]
+        sizes = torch.tensor([len(shard["index"]) for shard in self.shards])
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        self.index = torch.cat([shard["index"] for shard in self.shards])
+        self.target = torch.cat([shard["target"] for shard in self.shards])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, positions: torch.Tensor, variants: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The variants (default all mapped ones), `index` and `target` of the rows at `positions`, in that order."""
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        which = torch.searchsorted(self.starts, positions, right=True) - 1
+        out: dict[str, torch.Tensor] = {"index": self.index[positions], "target": self.target[positions]}
+        for key in variants or self.variants:
+            first = self.shards[0][key]
+            values = torch.empty((len(positions), *first.shape[1:]), dtype=first.dtype)
+            for shard in which.unique().tolist():
+                chosen = (which == shard).nonzero().squeeze(1)
+                values[chosen] = self.shards[shard][key][positions[chosen] - self.starts[shard]]
+            out[key] = values
+        return out
+
+
+def load_features(root: Path, name: str, variants: Sequence[str] = VARIANTS) -> dict[str, torch.Tensor]:
+    """One set's features (all shards, in memory), with `index` and `target`, in dataset order."""
+    shards = FeatureShards(root, name, variants)
+    return {key: torch.cat([shard[key] for shard in shards.shards]) for key in (*variants, "index", "target")}
 
 
 def feature_variant(features: dict[str, torch.Tensor], variant: str) -> torch.Tensor:

@@ -6,7 +6,7 @@ result of this mode is labelled `mode: fast (cached features)`.
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 from pathlib import Path
 
@@ -15,9 +15,17 @@ import torch
 from internvit.classification.build import build_backbone
 from internvit.classification.config import ClassificationConfig
 from internvit.classification.evaluate import build_eval_sets, build_train_set, make_scorer
-from internvit.classification.features import VARIANTS, extract, feature_variant, knn_scores, load_features
+from internvit.classification.features import (
+    VARIANTS,
+    extract,
+    feature_variant,
+    knn_scores,
+    load_features,
+    read_manifest,
+    train_set_names,
+)
 from internvit.classification.metrics import summarize
-from internvit.data.transforms import build_eval_transform
+from internvit.data.transforms import build_eval_transform, build_train_transform
 from internvit.engine.data import resolve_num_workers
 from internvit.engine.distributed import all_gather_objects, cleanup_distributed, save_config, start_run
 from internvit.engine.results import save_results
@@ -29,14 +37,25 @@ FAST_MODE = "fast (cached features)"
 
 
 def feature_datasets(cfg: ClassificationConfig, transform) -> dict[str, object]:
-    """The sets named in features.sets, every one with the eval transform (file indexes only: cheap)."""
+    """The sets named in features.sets (file indexes only: cheap): the test sets with the eval transform, the
+    training split with it too, or as features.views seeded views through the paper's train transform."""
     tests = [name for name in cfg.features.sets if name != "train"]
-    datasets = {"train": build_train_set(cfg.data, transform)} if "train" in cfg.features.sets else {}
+    datasets: dict[str, object] = {}
+    if "train" in cfg.features.sets and cfg.features.views == 0:
+        datasets["train"] = build_train_set(cfg.data, transform)
+    elif "train" in cfg.features.sets:
+        base = build_train_set(cfg.data, build_train_transform(cfg.backbone.img_size))
+        base.sample_seed = cfg.train.seed  # view k of image i: the paper transform seeded by (seed, k, i)
+        for name in train_set_names(cfg.features.views):
+            view = copy.copy(base)
+            view.set_epoch(int(name.removeprefix("train.v")))
+            datasets[name] = view
     return datasets | build_eval_sets(tests, cfg.data, transform)
 
 
 def manifest_settings(cfg: ClassificationConfig, transform) -> dict:
     """What the features depend on: a feature folder made with other settings is refused."""
+    views = cfg.features.views
     return {
         "format": 1,
         "backbone_file": checkpoint_identity(cfg.backbone.checkpoint),
@@ -47,7 +66,9 @@ def manifest_settings(cfg: ClassificationConfig, transform) -> dict:
         "transform": repr(transform),
         "dtype": cfg.features.dtype,
         "variants": list(VARIANTS),
-        "views": 1,
+        "views": views,
+        "train_transform": repr(build_train_transform(cfg.backbone.img_size)) if views else None,
+        "seed": cfg.train.seed if views else None,
     }
 
 
@@ -90,7 +111,8 @@ def run_extract(cfg: ClassificationConfig) -> list[dict]:
                 "images": len(dataset),
                 "backbone_forwards": totals[name],  # this run's: 0 for a set already extracted
                 "skipped": skipped[name],  # undecodable, under data.skip_corrupt (this run's)
-                "paper_mode_forwards": len(dataset) * cfg.train.epochs if name == "train" else len(dataset),
+                # the paper mode runs the training split once per epoch (shown on its first view), a test set once
+                "paper_mode_forwards": _paper_forwards(name, len(dataset), cfg.train.epochs),
                 "mode": FAST_MODE,
             }
             for name, dataset in datasets.items()
@@ -103,6 +125,12 @@ def run_extract(cfg: ClassificationConfig) -> list[dict]:
         cleanup_distributed()
 
 
+def _paper_forwards(name: str, images: int, epochs: int) -> int:
+    if name in ("train", "train.v0"):
+        return images * epochs
+    return 0 if name.startswith("train.v") else images
+
+
 def run_knn(cfg: ClassificationConfig) -> list[dict]:
     """Weighted kNN from the cached train features to every cached test set, each test image on one rank."""
     root = Path(cfg.features.out)
@@ -110,9 +138,10 @@ def run_knn(cfg: ClassificationConfig) -> list[dict]:
     if not tests:
         raise InternViTError("features.sets names no test set for kNN", fix="e.g. features.sets=[train,in1k]")
     datasets = build_eval_sets(tests, cfg.data, transform=None)  # ReaL labels and A/R masks; no images read
-    train = load_features(root, "train", ["cls", "mean", "cls4"])
-    manifest = json.loads((root / "manifest.json").read_text())
-    num_classes = manifest["sets"]["train"]["num_classes"]
+    manifest = read_manifest(root)
+    bank = train_set_names(manifest.get("views", 0))[0]  # the neighbours: the (first) view of each training image
+    train = load_features(root, bank, ["cls", "mean", "cls4"])
+    num_classes = manifest["sets"][bank]["num_classes"]
     dist, out = start_run(cfg.output_dir, cfg.device)
     try:
         save_config(cfg, out, dist, name="knn_config.yaml")

@@ -29,7 +29,13 @@ from torch.utils.data import Dataset
 from internvit.classification.checkpoints import head_metadata, save_head
 from internvit.classification.config import ClassificationConfig
 from internvit.classification.evaluate import build_eval_sets, make_scorer
-from internvit.classification.features import MANIFEST, feature_variant, load_features
+from internvit.classification.features import (
+    FeatureShards,
+    feature_variant,
+    load_features,
+    read_manifest,
+    train_set_names,
+)
 from internvit.classification.heads import BN_EPS, HEAD_INIT_STD
 from internvit.classification.metrics import summarize
 from internvit.classification.probing import FAST_MODE
@@ -89,17 +95,30 @@ class SweepHeads(nn.Module):
 
 
 class CachedFeatures(Dataset):
-    """Items (stored variants, target) of the cached training features at the given positions."""
+    """Items (stored variants, target) of the cached training features at the given positions, read from the
+    memory-mapped shards a batch at a time (`__getitems__`); epoch e reads view e % K when there are K views."""
 
-    def __init__(self, features: dict[str, torch.Tensor], positions: torch.Tensor) -> None:
-        self.features, self.positions = features, positions
+    def __init__(self, views: list[FeatureShards], positions: torch.Tensor) -> None:
+        self.views, self.positions, self.epoch = views, positions, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.positions)
 
+    def __getitems__(self, items: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        rows = self.views[self.epoch % len(self.views)].rows(self.positions[torch.as_tensor(items)], STORED)
+        return {key: rows[key] for key in STORED}, rows["target"]
+
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        j = int(self.positions[i])
-        return {key: self.features[key][j] for key in STORED}, self.features["target"][j]
+        stored, target = self.__getitems__([i])
+        return {key: value[0] for key, value in stored.items()}, target[0]
+
+
+def as_batch(batch):
+    """The collate of `CachedFeatures`: its `__getitems__` returns the batch already stacked."""
+    return batch
 
 
 def holdout_split(num: int, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +140,7 @@ class SweepRecipe:
         self.steps_per_epoch, self.evaluate_fn = kw["steps_per_epoch"], kw["evaluate"]
 
     def batches(self, start_step: int) -> Iterator[Any]:
-        return self.train_batches.epochs(start_step)
+        return self.train_batches.epochs(start_step, on_epoch=self.train_batches.dataset.set_epoch)
 
     def begin_step(self, step: int) -> None:
         self.model.train()
@@ -173,13 +192,14 @@ def grid_of(cfg: ClassificationConfig) -> list[tuple[str, bool, float]]:
 def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
     """Train the grid, choose on the held-out training images, report the chosen head on every cached test set."""
     root, s = Path(cfg.features.out), cfg.sweep
-    train_features = load_features(root, "train")
-    manifest = json.loads((root / MANIFEST).read_text())
-    entry = manifest["sets"]["train"]
+    manifest = read_manifest(root)
+    names = train_set_names(manifest.get("views", 0))
+    views = [FeatureShards(root, name, STORED) for name in names]
+    entry = manifest["sets"][names[0]]
     num_classes, embed = entry["num_classes"], manifest["embed_dim"]
     tests = [name for name in cfg.features.sets if name != "train"]
     test_sets = build_eval_sets(tests, cfg.data, transform=None)  # ReaL labels, A/R masks; no images read
-    train_pos, held_pos = holdout_split(len(train_features["target"]), s.holdout, s.seed)
+    train_pos, held_pos = holdout_split(len(views[0]), s.holdout, s.seed)  # the same images held out of every view
     dist, run_dir = start_run(cfg.output_dir, cfg.device)
     try:
         claim_run_folder(run_dir, dist)
@@ -187,7 +207,7 @@ def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
         dims = {"cls": embed, "mean": embed, "cls_mean": 2 * embed, "cls4": 4 * embed, "cls4_mean": 5 * embed}
         heads = SweepHeads(grid, dims, num_classes, s.seed).to(dist.device)
         batches = TrainBatches(
-            CachedFeatures(train_features, train_pos), batch_size=s.batch_size, dist=dist, seed=s.seed
+            CachedFeatures(views, train_pos), batch_size=s.batch_size, dist=dist, seed=s.seed, collate_fn=as_batch
         )
         steps = batches.per_epoch
         if steps < 1:
@@ -206,7 +226,7 @@ def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
             cosine_lr, base_lr=1.0, total_steps=s.epochs * steps, warmup_steps=s.warmup_epochs * steps
         )
         scheduler = StepScheduler(optimizer, schedule, lag_one_step=t.lr_lag_one_step)
-        held = {k: v[held_pos] for k, v in train_features.items()}
+        held = views[0].rows(held_pos)  # chosen on the first view (the center crop without views)
         last: dict[str, list] = {}
 
         def evaluate() -> dict[str, Any]:
@@ -283,7 +303,7 @@ def _report(cfg, run_dir, heads, grid, last, held, test_sets, manifest, history,
             }
         )
     save_results(tests, run_dir, "sweep_results")
-    entry = manifest["sets"]["train"]
+    entry = manifest["sets"][train_set_names(manifest.get("views", 0))[0]]
     shim = types.SimpleNamespace(
         config=types.SimpleNamespace(
             embed_dim=manifest["embed_dim"], num_heads=manifest["num_heads"], img_size=manifest["img_size"]

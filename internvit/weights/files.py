@@ -284,9 +284,9 @@ def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
         if missing:
             held = next(k for k, name in weight_map.items() if name == missing[0])
             raise InternViTError(
-                f"{index}: {len(missing)} shard file(s) it lists are missing: {', '.join(missing)} "
-                f"(they hold backbone tensors, e.g. {held})",
-                fix="download the whole repository (every shard next to the index)",
+                f"{index}: {len(missing)} shard file(s) it lists are missing: {', '.join(missing)}",
+                fix=f"they hold backbone tensors (e.g. {held}): download the whole repository (every shard next to "
+                "the index), or at least every shard of the vision backbone",
             )
         log.info("%s: %d shard(s) outside the vision backbone are not here, skipped", index, len(absent))
         shards = {name: shard for name, shard in shards.items() if name not in absent}

@@ -18,6 +18,8 @@ from internvit.weights.keymaps import NativeState, to_native, unwrap
 log = logging.getLogger(__name__)
 # Shape-revealed fields a checkpoint must share with its preset; resolution and patch size are resized instead (§1.7).
 _INFERABLE = ("embed_dim", "depth", "mlp_hidden_dim", "in_chans", "norm_type", "qkv_bias", "qk_norm")
+# An explicit config is built exactly as given: only the position grid is resized to it, so the patch size must match.
+_CONFIG_FIELDS = (*_INFERABLE, "patch_size")
 
 
 @dataclass
@@ -83,25 +85,37 @@ def match_presets(arch: dict[str, object]) -> list[str]:
     return sorted(fits, key=lambda n: PRESETS[n].img_size != arch["img_size"])
 
 
-def _first_shape_mismatch(state: dict[str, torch.Tensor], preset: str) -> str:
-    """`; e.g. KEY: checkpoint SHAPE vs preset SHAPE` for the first tensor whose shape differs from the preset's
-    (built on the meta device: no memory); position embedding and patch kernel are resized on load, so not compared."""
+def _first_tensor_mismatch(state: dict[str, torch.Tensor], config: InternViTConfig, label: str) -> str:
+    """`; e.g. KEY: checkpoint SHAPE vs LABEL SHAPE` for the first tensor whose shape differs from `config`'s model
+    (built on the meta device: no memory), else the first block tensor only one of them has; the position embedding
+    (and for a preset the patch kernel) is resized on load, so not compared."""
     with torch.device("meta"):
-        own = InternViT(get_config(preset)).state_dict()
+        own = InternViT(config).state_dict()
+    resized = ("pos_embed", "patch_embed.proj.weight") if label == "preset" else ("pos_embed",)
     for key, want in own.items():
         have = state.get(key)
-        if key not in ("pos_embed", "patch_embed.proj.weight") and have is not None and have.shape != want.shape:
-            return f"; e.g. {key}: checkpoint {tuple(have.shape)} vs preset {tuple(want.shape)}"
-    return ""
+        if key not in resized and have is not None and have.shape != want.shape:
+            return f"; e.g. {key}: checkpoint {tuple(have.shape)} vs {label} {tuple(want.shape)}"
+    extra = next((k for k in state if k.startswith("blocks.") and k not in own), None)
+    if extra is not None:
+        return f"; e.g. {extra}: in the checkpoint, not in the {label}"
+    lacking = next((k for k in own if k not in state), None)
+    return f"; e.g. {lacking}: in the {label}, not in the checkpoint" if lacking else ""
 
 
-def _fit_problems(arch: dict[str, object], preset: str, state: dict[str, torch.Tensor] | None) -> str | None:
-    config = get_config(preset)
-    diffs = [f"{f} {arch[f]} vs {getattr(config, f)}" for f in _INFERABLE if getattr(config, f) != arch[f]]
+def _fit_problems(
+    arch: dict[str, object],
+    config: InternViTConfig,
+    state: dict[str, torch.Tensor] | None,
+    *,
+    label: str = "preset",
+    fields: tuple[str, ...] = _INFERABLE,
+) -> str | None:
+    diffs = [f"{f} {arch[f]} vs {getattr(config, f)}" for f in fields if getattr(config, f) != arch[f]]
     if not diffs:
         return None
-    shape = _first_shape_mismatch(state, preset) if state is not None else ""
-    return f"{'; '.join(diffs)} (checkpoint vs preset){shape}"
+    shape = _first_tensor_mismatch(state, config, label) if state is not None else ""
+    return f"{'; '.join(diffs)} (checkpoint vs {label}){shape}"
 
 
 def _fit_hint(arch: dict[str, object]) -> str:
@@ -112,7 +126,7 @@ def _fit_hint(arch: dict[str, object]) -> str:
 def check_fits(arch: dict[str, object], preset: str, state: dict[str, torch.Tensor] | None = None) -> None:
     """Raise a clear error if a checkpoint cannot be loaded into `preset` (resolution differences are fine); with
     the checkpoint's (native-layout) `state`, the error also shows the first tensor of the wrong shape."""
-    problems = _fit_problems(arch, preset, state)
+    problems = _fit_problems(arch, get_config(preset), state)
     if problems:
         raise InternViTError(
             f"checkpoint does not fit preset {preset!r}: {problems}",
@@ -120,9 +134,25 @@ def check_fits(arch: dict[str, object], preset: str, state: dict[str, torch.Tens
         )
 
 
+def check_config_fits(
+    arch: dict[str, object], config: InternViTConfig, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Raise a clear error naming what differs if a checkpoint cannot be loaded into the model of `config` (only
+    its resolution may differ); with the checkpoint's (native-layout) `state`, also the first tensor that differs."""
+    problems = _fit_problems(arch, config, state, label="config", fields=_CONFIG_FIELDS)
+    if problems:
+        wanted = ", ".join(f"{f}={arch[f]!r}" for f in _CONFIG_FIELDS if getattr(config, f) != arch[f])
+        fits = match_presets(arch)
+        preset = f", or load it as preset {fits[0]!r} instead of a config" if fits else ""
+        raise InternViTError(
+            f"checkpoint does not fit the given config: {problems}",
+            fix=f"build the InternViTConfig with {wanted} (and the num_heads it was trained with){preset}",
+        )
+
+
 def _check_named_preset(path: Path, named: str, arch: dict[str, object], state: dict[str, torch.Tensor]) -> None:
     """Raise a clear error if the preset a file's header names does not fit its tensor shapes."""
-    problems = _fit_problems(arch, named, state)
+    problems = _fit_problems(arch, get_config(named), state)
     if problems:
         raise InternViTError(
             f"{path}: its header names preset {named!r}, but its tensors do not fit it: {problems}",
@@ -131,22 +161,25 @@ def _check_named_preset(path: Path, named: str, arch: dict[str, object], state: 
         )
 
 
-def check_header(path: Path, preset: str | None = None) -> None:
-    """Check the preset to build against the tensor shapes in a safetensors header (no tensor data is read), so a
-    wrong one fails at once instead of after reading the weights and building the model. The preset is `preset`
-    (asked for, or a tag's), else the one our files name in their metadata; pickles have no header: nothing to do."""
+def check_header(path: Path, preset: str | None = None, config: InternViTConfig | None = None) -> None:
+    """Check the architecture to build against the tensor shapes in a safetensors header (no tensor data is read),
+    so a wrong one fails at once instead of after reading the weights and building the model. It is `config`, else
+    `preset` (asked for, or a tag's), else the preset our files name in their metadata; pickles have no header."""
     header = read_header(path)
     if header is None:
         return
     metadata, shapes = header
     named = metadata.get("preset") if metadata.get("preset") in PRESETS else None
-    if (preset or named) is None:
+    if (config or preset or named) is None:
         return
     try:
         state = to_native(unwrap(shapes)).state
         arch = infer_architecture(state)
     except InternViTError:
         return  # not a backbone: reading it says so, with the same error
+    if config is not None:
+        check_config_fits(arch, config, state)
+        return
     if preset is not None:
         check_fits(arch, preset, state)
         return
@@ -196,16 +229,22 @@ def load_state_into(model: nn.Module, native: NativeState, *, strict: bool = Tru
 
 
 def read_native(
-    source: str | Path, *, preset: str | None = None, verify_hash: bool = True, header_check: bool = True
+    source: str | Path,
+    *,
+    preset: str | None = None,
+    config: InternViTConfig | None = None,
+    verify_hash: bool = True,
+    header_check: bool = True,
 ) -> tuple[NativeState, RawCheckpoint]:
     """Read any supported checkpoint and bring it into our layout; also returns what was read (files, metadata).
 
-    With `header_check`, a safetensors checkpoint's shapes are first checked against `preset` (else a tag's, else
-    the preset in its header) from the header alone (`check_header`). `verify_hash`: see `read_checkpoint`.
+    With `header_check`, a safetensors checkpoint's shapes are first checked against `config`, else `preset` (else
+    a tag's, else the preset in its header) from the header alone (`check_header`). `verify_hash`: see
+    `read_checkpoint`.
     """
     path, tag = locate_checkpoint(source)
     if header_check:
-        check_header(path, preset or (tag.preset if tag else None))
+        check_header(path, preset or (tag.preset if tag else None), config)
     raw = read_checkpoint(path, verify_hash=verify_hash)
     raw.tag = tag
     return to_native(unwrap(raw.tensors)), raw
@@ -245,28 +284,43 @@ def load_model(
     source: str | Path,
     *,
     preset: str | None = None,
+    config: InternViTConfig | None = None,
     img_size: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     strict: bool = True,
-    drop_path_rate: float = 0.0,
+    drop_path_rate: float | None = None,
     verify_hash: bool = True,
 ) -> tuple[InternViT, LoadReport]:
-    """Build the right preset and load a checkpoint of any layout into it.
+    """Build the right preset, or exactly the architecture `config` describes, and load a checkpoint of any layout.
 
+    Without `config` the preset is `preset`, else the file's or tag's, else the one the tensor shapes match; with
+    `config` (a custom architecture: not both) there is no preset detection, and a checkpoint whose shapes do not
+    fit it is refused naming what differs (`num_heads` cannot be read from shapes: it is taken as given).
     `img_size` defaults to the checkpoint's own resolution (the grid of its pos_embed), so nothing is resized
     unless asked for; a different size resizes the position embedding once, bicubically (docs/protocol.md §1.7).
+    `drop_path_rate` replaces the config's or preset's (0 for every preset) when given.
 
-    Checked before any model is built: the preset against a safetensors header's shapes (no data read), the
-    `content_sha256` of our safetensors files (`verify_hash=False`, or INTERNVIT_SKIP_HASH_CHECK=1 in the
+    Checked before any model is built: the preset or config against a safetensors header's shapes (no data read),
+    the `content_sha256` of our safetensors files (`verify_hash=False`, or INTERNVIT_SKIP_HASH_CHECK=1 in the
     environment, skips this pass over the bytes), and that no floating tensor holds NaN / Inf.
     """
-    native, raw = read_native(source, preset=preset, verify_hash=verify_hash)
+    if preset is not None and config is not None:
+        raise InternViTError(
+            f"both a preset ({preset!r}) and a config were given",
+            fix="pass one: a preset names a released architecture, a config builds exactly the one it describes",
+        )
+    native, raw = read_native(source, preset=preset, config=config, verify_hash=verify_hash)
     check_finite(native.state, raw.files[0])
-    preset = resolve_preset(native, preset, raw)
-    config: InternViTConfig = get_config(preset).replace(drop_path_rate=drop_path_rate)
-    img_size = img_size or int(infer_architecture(native.state)["grid_size"]) * config.patch_size
-    config = config.replace(img_size=img_size)
+    arch = infer_architecture(native.state)
+    if config is None:
+        preset = resolve_preset(native, preset, raw)
+        config = get_config(preset)
+    else:
+        check_config_fits(arch, config, native.state)
+    config = config.replace(img_size=img_size or int(arch["grid_size"]) * config.patch_size)
+    if drop_path_rate is not None:
+        config = config.replace(drop_path_rate=drop_path_rate)
     model = build_model(config, device=device, dtype=dtype, init=not strict)
     report = load_state_into(model, native, strict=strict, source=str(source))
     report.preset = preset
