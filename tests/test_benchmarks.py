@@ -168,3 +168,38 @@ def test_probing_smoke(tmp_path):
     summary = result["summary"]
     assert summary["forwards_paper"] == 448 and summary["forwards_fast"] == 300
     assert summary["extract_rate_share_of_forward"] > 0 and summary["paper_over_fast_wall"] > 0
+
+
+def run_gpu_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    cmd = [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--out", str(tmp_path), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return proc, json.loads((tmp_path / "gpu_check.json").read_text())
+
+
+def test_gpu_check_smoke_runs_every_section_into_one_report(tmp_path):
+    """The GPU check's CPU smoke mode: every section runs and lands in one JSON + Markdown report; the CUDA tests
+    are collected (and skip here, without a GPU)."""
+    proc, report = run_gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report["complete"] and report["mode"].startswith("smoke")
+    sections = {r["section"]: r for r in report["sections"]}
+    assert list(sections) == ["cuda_tests", "throughput", "finetune", "probing", "loaders"]
+    assert all(r["status"] == "ok" for r in sections.values())
+    tests = sections["cuda_tests"]
+    assert tests["tests"]["skipped"] == len(tests["result"]["rows"]) >= 6 and tests["tests"]["passed"] == 0
+    for name in ("throughput", "finetune", "probing", "loaders"):
+        result = sections[name]["result"]
+        assert result["rows"] and not [row for row in result["rows"] if "error" in row], name
+    (fsdp,) = sections["finetune"]["result"]["rows"]
+    assert fsdp["variant"] == "fsdp" and fsdp["plan_gib"] > 0
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "## finetune: ok" in text and "| fsdp" in text and "6 skipped" in text
+
+
+def test_gpu_check_cuts_off_a_slow_section_and_goes_on(tmp_path):
+    proc, report = run_gpu_check(tmp_path, "--sections", "throughput", "cuda_tests", "--limit-s", "1")
+    assert proc.returncode == 1 and report["complete"]
+    assert [r["section"] for r in report["sections"]] == ["cuda_tests", "throughput"]  # after the first, the next
+    assert all(r["status"] == "cut off at 1 s" and r["seconds"] < 30 for r in report["sections"])
+    assert "cut off at 1 s" in (tmp_path / "gpu_check.md").read_text()
