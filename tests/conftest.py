@@ -50,3 +50,71 @@ def tiny_300m_preset(monkeypatch):
     """Register TINY_300M as a preset so that LayerNorm / qkv-bias checkpoints can be matched and loaded."""
     monkeypatch.setitem(PRESETS, "tiny-300m", TINY_300M)
     return "tiny-300m"
+
+
+# The fault-injection suite (`pytest -m faults`): kills, signals, locks, divergence, tampered and malformed files,
+# bad images and bad config values, each asserting the exact error line or a bit-identical resume. Tests by file and
+# name prefix; the marker is added at collection so that the suite is listed here, in one place.
+FAULT_SUITE = {
+    "test_faults.py": ("test_",),
+    "test_engine.py": (
+        "test_checkpointer_round_trip_and_signature_check",
+        "test_checkpoint_without_signature_or_unreadable_is_refused",
+        "test_refused_resume_names_the_fields",
+        "test_bad_data_and_images_fail_before_the_backbone_loads",
+        "test_resumed_history_and_config_are_those_of_the_run",
+        "test_one_training_per_folder_and_leftovers_removed",
+        "test_a_diverging_run_stops",
+        "test_first_signal_is_recorded",
+        "test_resume_with_other_shapes_is_a_clear_error",
+    ),
+    "test_cls_e2e.py": (
+        "test_killed_training_resumes_to_the_same_head",
+        "test_sigterm_saves_mid_epoch_and_resumes_bit_identically",
+        "test_corrupt_image_names_the_file_or_is_skipped_and_counted",
+        "test_config_mistakes_are_named",
+        "test_classify_folders_exif_and_unreadable_inputs",
+        "test_custom_tree_mistakes_are_clear_errors",
+    ),
+    "test_seg_e2e.py": ("test_killed_training_resumes_to_the_same_weights", "test_bad_dataset_gives_a_clear_error"),
+    "test_seg_generic.py": ("test_segment_names_exif_and_unreadable_inputs",),
+    "test_weights.py": (
+        "test_unreadable_files",
+        "test_wrong_shape_under_strict",
+        "test_checkpoint_does_not_fit_preset",
+        "test_sharded_folder_with_a_missing_shard",
+        "test_hub_sources_offline_fail_clearly",
+        "test_index_entries_outside_the_folder_are_refused",
+        "test_malformed_index_is_a_clear_error",
+        "test_index_naming_a_missing_shard",
+        "test_header_claiming_the_6b_preset",
+        "test_non_finite_",
+        "test_hub_cache_is_used_and_an_unreachable_hub_fails_at_once",
+    ),
+    "test_convert.py": (
+        "test_modified_file_is_refused_unless_the_check_is_skipped",
+        "test_flipped_byte_on_disk_is_refused",
+        "test_info_reports_non_finite_tensors",
+        "test_info_reports_a_header_preset_that_does_not_fit",
+    ),
+    "test_cls_heads.py": ("test_unreadable_head_files", "test_wrong_shape_strict_and_lenient"),
+    "test_seg_checkpoints.py": ("test_non_finite_segmentor_weights_are_refused",),
+    "test_data_imagenet.py": (
+        "test_corrupt_image_error_names_the_file",
+        "test_skip_corrupt_loader_yields_the_rest_and_reports",
+        "test_deep_images_bombs_and_symlink_loops",
+        "test_missing_val_classes_are_named",
+        "test_custom_val_missing_a_class_is_scored_with_a_warning",
+    ),
+    "test_probing.py": (
+        "test_killed_extraction_resumes_to_identical_shards",
+        "test_extraction_names_a_corrupt_image_or_skips_and_counts_it",
+    ),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        prefixes = FAULT_SUITE.get(item.path.name, ())
+        if item.name.startswith(prefixes):
+            item.add_marker(pytest.mark.faults)

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from conftest import FAULT_SUITE
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
@@ -124,8 +126,12 @@ def private_module_owner(module: str) -> str | None:
     return None if owner is None else ".".join(parts[:owner])
 
 
-# modules of required packages that import an optional package when imported: optional themselves
-NEEDS_OPTIONAL = {"torch.utils.tensorboard": "tensorboard"}
+# modules that may be imported inside a function although their package is required, with the reason: a module of
+# a required package that needs an optional one, or one too slow to import for every command that does not use it
+LAZY_IMPORTS = {
+    "torch.utils.tensorboard": "needs the optional tensorboard package",
+    "matplotlib.figure": "half a second of start-up, needed only when a picture is drawn",
+}
 
 
 def imported_modules(importer: str, package: bool, node: Import) -> set[str]:
@@ -141,7 +147,7 @@ def import_offenders(root: Path, required: set[str]) -> list[str]:
     offenders = []
     for name, path in module_files(root).items():
         for node in nested_imports(parse(path)):
-            if imported_modules(name, is_package(path), node) <= set(NEEDS_OPTIONAL):
+            if imported_modules(name, is_package(path), node) <= set(LAZY_IMPORTS):
                 continue
             if top_level_names(name, is_package(path), node) & not_optional:
                 offenders.append(f"{location(root, path, node)}: {ast.unparse(node)}")
@@ -314,3 +320,12 @@ def test_one_training_step_loop() -> None:
     assert not offenders, "training-step calls outside the engine (use the engine's loop):\n" + "\n".join(offenders)
     engine = backward_modules(ROOT)
     assert len(engine) == 1, f"expected exactly one engine module calling .backward(), found: {engine}"
+
+
+def test_every_fault_suite_entry_names_tests() -> None:
+    """Each (file, name prefix) of conftest.FAULT_SUITE matches a test function of that file: the list cannot rot."""
+    tests = Path(__file__).resolve().parent
+    for file, prefixes in FAULT_SUITE.items():
+        names = [n.name for n in ast.walk(parse(tests / file)) if isinstance(n, ast.FunctionDef)]
+        for prefix in prefixes:
+            assert any(name.startswith(prefix) for name in names if name.startswith("test_")), (file, prefix)

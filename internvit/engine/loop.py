@@ -283,8 +283,19 @@ def train(
     finally:  # finished, interrupted or diverged: the curves so far
         if metrics is not None:
             metrics.close()
-            plot_training(read_metrics(metrics.path), run_dir / "training.png")
+            _draw_curves(metrics.path, run_dir / "training.png")
     return state.history
+
+
+def _draw_curves(metrics: Path, picture: Path) -> None:
+    """training.png from metrics.jsonl; a failure to draw is a warning, never the run's outcome (which may be an
+    exception in flight)."""
+    if not metrics.is_file():
+        return
+    try:
+        plot_training(read_metrics(metrics), picture)
+    except Exception as e:  # noqa: BLE001 - a picture must not hide the run's own result or error
+        log.warning("could not draw %s: %s", picture, e)
 
 
 def _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals, metrics) -> None:

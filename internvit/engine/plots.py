@@ -13,8 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
 from internvit.atomic import atomic_path
 from internvit.errors import InternViTError
 
@@ -162,6 +160,8 @@ def _finite(value: Any) -> bool:
 
 def _figure(width: float, height: float, *, ncols: int = 1):
     """A new figure (tight layout) and its row of `ncols` axes."""
+    from matplotlib.figure import Figure  # here, not at the top: half a second of every command's start-up
+
     fig = Figure(figsize=(width, height), layout="tight")
     return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
 
