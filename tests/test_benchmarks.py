@@ -35,13 +35,13 @@ def run_script(name: str, *args: str, tmp_path: Path) -> dict:
 def test_throughput_smoke(tmp_path):
     args = ["--preset", "debug", "--resolutions", "56", "--batch-sizes", "4", "--iters", "2", "--warmup", "1"]
     args += ["--ceiling-size", "128", "--train-resolution", "56", "--train-batch", "2"]
-    args += ["--variants", "fp8", "eager", "transformers", "transformers-compiled", "compiled"]  # eager runs first
+    args += ["--variants", "fp8", "eager", "transformers", "compiled"]  # eager runs first
     result = run_script("throughput.py", *args, tmp_path=tmp_path)
     assert result["environment"]["torch"] == torch.__version__ and result["ceiling_tflops"] > 0
     assert result["ceiling_dtype"] == "float32"  # a CPU's ceiling; bf16 on GPUs
     assert result["complete"] is True and not [row for row in result["rows"] if "error" in row]
     rows = {row["variant"]: row for row in result["rows"]}
-    forward = ["eager", "fp8", "transformers", "transformers-compiled", "compiled"]
+    forward = ["eager", "fp8", "transformers", "compiled"]
     training = ["train-eager (fwd+bwd, AC)", "train-compiled (fwd+bwd, AC)"]
     assert [row["variant"] for row in result["rows"]] == ["ceiling / FLOPs", *forward, *training]
     ceiling = rows["ceiling / FLOPs"]
@@ -58,7 +58,6 @@ def test_throughput_smoke(tmp_path):
     assert rows["compiled"]["cos_min"] > 0.9999
     assert 0.99 < rows["fp8"]["cos_min"] < 1.0 and rows["fp8"]["rel_err"] > rows["compiled"]["rel_err"]
     assert (rows["fp8"]["top1"] * 4) % 1 == 0  # a share of the 4 images
-    assert rows["transformers-compiled"]["rel_err"] < 1e-2
     for name in training:
         assert rows[name]["img_s"] > 0 and rows[name]["batch"] == 2 and rows[name]["res"] == 56
 

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_6B, randomize_
+from conftest import TINY_6B, fast_path_model
 from PIL import Image
 from torch import nn
 
@@ -23,7 +23,6 @@ from internvit.engine.data import build_eval_loader
 from internvit.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from internvit.engine.float8 import float8_supported
 from internvit.engine.parallelize import optimize_for_inference
-from internvit.model import build_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -40,13 +39,7 @@ def probe_input(tokens: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    torch.manual_seed(0)
-    m = randomize_(build_model(TINY_6B), seed=3).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")):
-                p.mul_(0.25)
-    return m.to(CUDA)
+    return fast_path_model().to(CUDA)
 
 
 @pytest.fixture(scope="module")

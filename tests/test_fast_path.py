@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_6B, randomize_
+from conftest import fast_path_model
 from torch import nn
 
 from internvit.engine import parallelize
 from internvit.engine.parallelize import cast_matmul_weights, optimize_for_inference, resolve_compile
 from internvit.errors import InternViTError
-from internvit.model import build_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -19,14 +18,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    """A debug-size model whose every part matters: randomised norms, LayerScale near 1, modest matmul weights."""
-    torch.manual_seed(0)
-    m = randomize_(build_model(TINY_6B), seed=3).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight")):
-                p.mul_(0.25)
-    return m
+    return fast_path_model()
 
 
 @pytest.fixture(scope="module")
