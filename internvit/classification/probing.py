@@ -28,7 +28,7 @@ from internvit.classification.metrics import summarize
 from internvit.data.transforms import build_eval_transform, build_train_transform
 from internvit.engine.data import resolve_num_workers
 from internvit.engine.distributed import all_gather_objects, cleanup_distributed, save_config, start_run
-from internvit.engine.results import save_results
+from internvit.engine.results import log_done, save_results
 from internvit.errors import InternViTError
 from internvit.weights.files import checkpoint_identity
 
@@ -119,7 +119,8 @@ def run_extract(cfg: ClassificationConfig) -> list[dict]:
         ]
         if dist.is_main:
             save_results(rows, root, "extract_results")
-            log.info("features of %s in %s", ", ".join(datasets), root)
+            ran = ", ".join(f"{name} {totals[name]}" for name in datasets)
+            log_done("cls extract", f"backbone forwards {ran} (fast mode)", root)
         return rows if dist.is_main else []
     finally:
         cleanup_distributed()
@@ -179,6 +180,8 @@ def run_knn(cfg: ClassificationConfig) -> list[dict]:
                 )
         if dist.is_main:
             save_results(rows, out, "knn_results")
+            best = max(rows, key=lambda r: r["acc1"])
+            log_done("cls knn", f"best top-1 {best['acc1']:.2f} ({best['set']}, k {best['k']}; fast mode)", out)
         return rows if dist.is_main else []
     finally:
         cleanup_distributed()

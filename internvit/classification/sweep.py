@@ -44,7 +44,7 @@ from internvit.engine.data import TrainBatches
 from internvit.engine.distributed import cleanup_distributed, start_run
 from internvit.engine.loop import LoopSettings, train
 from internvit.engine.parallelize import parallelize
-from internvit.engine.results import save_results
+from internvit.engine.results import log_done, save_results
 from internvit.engine.run_folder import claim_run_folder
 from internvit.engine.schedule import StepScheduler, cosine_lr
 from internvit.errors import InternViTError
@@ -337,7 +337,6 @@ def _report(cfg, run_dir, heads, grid, last, held, test_sets, manifest, history,
         "class_names": json.dumps(entry["class_names"]),
     }
     save_head(chosen_head, run_dir / "chosen_head.safetensors", metadata=meta)
-    log.info(
-        "sweep: chose %s (held-out top-1 %.2f); grid in %s", rows[chosen]["head"], rows[chosen]["holdout_acc1"], run_dir
-    )
+    best = f"chose {rows[chosen]['head']} (held-out top-1 {rows[chosen]['holdout_acc1']:.2f}; fast mode)"
+    log_done("cls sweep", best, run_dir)
     return {"grid": rows, "results": tests, "history": history}
