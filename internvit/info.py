@@ -12,7 +12,8 @@ import torch
 from internvit.classification.checkpoints import read_head_file
 from internvit.segmentation.checkpoints import load_segmentation_checkpoint
 from internvit.weights.convert import inspect_checkpoint
-from internvit.weights.files import non_finite_tensors, read_checkpoint
+from internvit.weights.files import read_checkpoint
+from internvit.weights.integrity import non_finite_tensors
 
 _SHOWN_NAMES = 5
 

@@ -149,8 +149,8 @@ def test_content_sha256_streams_in_chunks_with_the_written_definition(monkeypatc
         def hexdigest(self) -> str:
             return self.inner.hexdigest()
 
-    monkeypatch.setattr("internvit.weights.files.HASH_CHUNK_BYTES", 64)
-    monkeypatch.setattr("internvit.weights.files.hashlib.sha256", Recorder)
+    monkeypatch.setattr("internvit.weights.integrity.HASH_CHUNK_BYTES", 64)
+    monkeypatch.setattr("internvit.weights.integrity.hashlib.sha256", Recorder)
     assert content_sha256(MIXED) == expected
     assert max(sizes) <= 64  # no row here is longer than a chunk: nothing is hashed whole
     # 7 name lines; w: 1600 bytes in 25 chunks; transposed: 6 rows of 16 bytes, 4 rows a chunk -> 2; empty: none;

@@ -35,7 +35,7 @@ from internvit.weights import (
     load_model,
     to_native,
 )
-from internvit.weights.files import non_finite_tensors
+from internvit.weights.integrity import non_finite_tensors
 
 # ----------------------------------------------------------------------------------------------- key maps
 

@@ -24,7 +24,8 @@ from internvit.classification.heads import HEADS
 from internvit.data.imagenet_meta import imagenet_1k_categories
 from internvit.errors import InternViTError
 from internvit.model import InternViT
-from internvit.weights.files import RawCheckpoint, check_finite, download, read_checkpoint
+from internvit.weights.files import RawCheckpoint, download, read_checkpoint
+from internvit.weights.integrity import check_finite
 from internvit.weights.keymaps import WRAPPER_KEYS, unwrap
 from internvit.weights.tags import HEAD_TAGS
 

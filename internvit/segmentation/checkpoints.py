@@ -52,7 +52,8 @@ from internvit.engine.config import config_from_dict, load_config, to_dict
 from internvit.errors import InternViTError
 from internvit.segmentation.config import SegmentationConfig
 from internvit.segmentation.segmentor import Segmentor
-from internvit.weights.files import check_finite, read_checkpoint
+from internvit.weights.files import read_checkpoint
+from internvit.weights.integrity import check_finite
 from internvit.weights.keymaps import WRAPPER_KEYS, detect_layout, unwrap
 
 __all__ = [

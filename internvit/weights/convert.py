@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from internvit.atomic import atomic_path
 from internvit.errors import InternViTError
 from internvit.model import InternViTConfig
-from internvit.weights.files import content_sha256, non_finite_tensors
+from internvit.weights.integrity import content_sha256, non_finite_tensors
 from internvit.weights.loading import infer_architecture, match_presets, read_native, resolve_preset
 
 FORMAT = "internvit"

@@ -12,7 +12,8 @@ from torch import nn
 
 from internvit.errors import InternViTError
 from internvit.model import PRESETS, InternViT, InternViTConfig, build_model, get_config, resize_pos_embed
-from internvit.weights.files import RawCheckpoint, check_finite, locate_checkpoint, read_checkpoint, read_header
+from internvit.weights.files import RawCheckpoint, locate_checkpoint, read_checkpoint, read_header
+from internvit.weights.integrity import check_finite
 from internvit.weights.keymaps import NativeState, to_native, unwrap
 
 log = logging.getLogger(__name__)
