@@ -105,6 +105,7 @@ def run_section(section: Section, args: argparse.Namespace) -> dict[str, object]
     if section.script == "pytest" and importlib.util.find_spec("pytest") is None:
         return record | {"status": "not run", "reason": "pytest is not installed here (pip install pytest)"}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    out.unlink(missing_ok=True)  # never report an earlier run's rows as this one's
     start = time.perf_counter()
     # its own session: a section cut off is stopped with every process it started (compile workers, loaders)
     proc = subprocess.Popen(
@@ -123,6 +124,10 @@ def run_section(section: Section, args: argparse.Namespace) -> dict[str, object]
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         status = f"cut off at {limit} s"
+    finally:  # gpu_check itself stopped (a signal, Ctrl-C): the section must not go on holding the GPU
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     record |= {"status": status, "seconds": round(time.perf_counter() - start, 1), "tail": output[-3000:]}
     if out.is_file():
         record |= tests_result(out) if suffix == "xml" else {"result": json.loads(out.read_text())}
@@ -173,6 +178,10 @@ def write_report(report: dict[str, object], out: Path) -> None:
         tmp.write_text(markdown(report))
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="the CPU smoke mode: debug preset, seconds per section")
@@ -199,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "complete": False,
     }
     start = time.perf_counter()
+    signal.signal(signal.SIGTERM, _stop)  # an outer time limit: stop the running section too (see run_section)
     for section in (s for s in SECTIONS if s.name in args.sections):
         print(f"gpu_check: {section.name} ...", flush=True)
         report["sections"].append(run_section(section, args))

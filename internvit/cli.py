@@ -22,7 +22,7 @@ from internvit.classification.run import run_train as run_cls_train
 from internvit.classification.sweep import run_sweep
 from internvit.demo import run_demo
 from internvit.engine.config import load_config, to_dict
-from internvit.engine.distributed import setup_logging
+from internvit.engine.distributed import release_process_groups, setup_logging
 from internvit.engine.loop import EXIT_INTERRUPTED, TrainingInterrupted
 from internvit.engine.precision import DTYPES
 from internvit.engine.results import format_record, format_table
@@ -384,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("internvit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_process_groups()
     return 0
 
 

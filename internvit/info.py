@@ -12,7 +12,7 @@ import torch
 from internvit.classification.checkpoints import read_head_file
 from internvit.segmentation.checkpoints import load_segmentation_checkpoint
 from internvit.weights.convert import inspect_checkpoint
-from internvit.weights.files import read_checkpoint
+from internvit.weights.files import read_checkpoint, read_header
 from internvit.weights.integrity import non_finite_tensors
 
 _SHOWN_NAMES = 5
@@ -21,7 +21,10 @@ _SHOWN_NAMES = 5
 def describe(source: str | Path) -> dict[str, object]:
     """The report `internvit info` prints for `source` (JSON-serialisable)."""
     path = Path(source).expanduser()
-    if not path.is_file():  # folders, sharded indexes, tags and hub ids are backbones
+    if not path.is_file() or path.name.endswith(".index.json"):  # folders, indexes, tags, hub ids: backbones
+        return {"kind": "backbone", **inspect_checkpoint(source)}
+    header = read_header(path)  # safetensors: the kind from the header alone, no tensor read for a backbone
+    if header is not None and not {"internvit-head", "mmseg-segmentor"} & set(header[0].values()):
         return {"kind": "backbone", **inspect_checkpoint(source)}
     raw = read_checkpoint(path, verify_hash=False)
     meta = dict(raw.metadata)
@@ -31,6 +34,7 @@ def describe(source: str | Path) -> dict[str, object]:
         return _segmentor(path, raw.tensors, meta)
     if isinstance(raw.tensors, Mapping) and {"signature", "objects"} <= set(raw.tensors):
         return _training_checkpoint(path, raw.tensors)
+    del raw  # a pickled backbone: read again by the inspection (memory-mapped), not held twice
     return {"kind": "backbone", **inspect_checkpoint(source)}
 
 

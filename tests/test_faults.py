@@ -2,6 +2,7 @@
 exit status 2, before any model or dataset loads."""
 
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -164,3 +165,11 @@ def test_print_config_is_the_resolved_config_and_runs_nothing(command, cls, tmp_
     assert not out.exists()  # nothing ran
     assert main([*command, "--print-config", "data.num_workerz=3"]) == 2  # the same checks as a run
     assert "did you mean data.num_workers" in capsys.readouterr().err
+
+
+def test_tensorboard_without_its_package_is_a_config_error(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    message = "tensorboard=true needs the tensorboard package: pip install tensorboard (or tensorboard=false)"
+    expect(["cls", "train", "tensorboard=true", f"output_dir={tmp_path / 'run'}"], message, capsys)
+    expect(["seg", "train", "tensorboard=true", f"output_dir={tmp_path / 'run'}"], message, capsys)

@@ -232,3 +232,13 @@ def test_augmented_views_are_seeded_per_image_and_view_and_the_sweep_streams_the
     assert main(["cls", "sweep", *settings(paths, checkpoint, out, **extra, **sweep)]) == 0
     (result,) = json.loads((out / "results" / "sweep_results.json").read_text())
     assert result["set"] == "in1k" and result["num_images"] == 60
+
+
+def test_features_of_an_older_format_are_refused(mini, tmp_path, capsys):
+    root, paths, checkpoint = mini
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": 1, "views": 1, "sets": {"train": {}}}))
+    assert main(["cls", "knn", *settings(paths, checkpoint, out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds features of format 1, this version reads format 2" in err and "extract them again" in err

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from internvit.engine.config import BackboneConfig, check_device, check_range
+from internvit.engine.config import BackboneConfig, check_device, check_range, check_tensorboard
 
 EVAL_SETS = ("in1k", "real", "v2", "a", "r", "sketch")
 CUSTOM_SET = "custom"  # the val/ split of data.custom, the only set scored when data.custom is set
@@ -207,6 +207,7 @@ class ClassificationConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        check_tensorboard(self.tensorboard)
         sets = list(self.eval.sets)
         if self.data.custom and sets not in (list(EVAL_SETS), [CUSTOM_SET]):
             raise ValueError(

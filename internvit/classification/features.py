@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -39,7 +41,7 @@ from internvit.errors import InternViTError
 log = logging.getLogger(__name__)
 VARIANTS = ("cls", "mean", "cls4")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `views` counts augmented views (0: the center crop), sets train or train.v<k>
 
 
 def image_list_hash(dataset) -> str:
@@ -216,31 +218,39 @@ def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise InternViTError(f"no {MANIFEST} in {root}", fix="run `internvit cls extract` first (features.out=DIR)")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise InternViTError(
+            f"{root} holds features of format {manifest.get('format')}, this version reads format {FORMAT_VERSION}",
+            fix="extract them again into a new folder (features.out=...)",
+        )
+    return manifest
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 
 
 def map_shard(path: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The tensors `keys` of one safetensors shard as views into a private memory map of the file: nothing is read
-    until a row is used. (safetensors' own loaders copy every tensor into memory, which a 1.28M-image training set
-    in bf16, 38 KB per image, does not fit.) A tensor whose offset is not aligned to its element size is read."""
+    """The tensors `keys` of one safetensors shard as views into a read-only memory map of the file: nothing is
+    read until a row is used. (safetensors' own loaders copy every tensor into memory, which a 1.28M-image training
+    set in bf16, 38 KB per image, does not fit.) A tensor whose offset is not aligned to its element size is read."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for key in keys:
         info = header[key]
         dtype = _ST_DTYPES[info["dtype"]]
-        begin = 8 + size + info["data_offsets"][0]
-        width = torch.empty(0, dtype=dtype).element_size()
-        if begin % width:
+        begin, end = (8 + size + offset for offset in info["data_offsets"])
+        if begin % torch.empty(0, dtype=dtype).element_size():
             with safe_open(str(path), framework="pt") as f:
                 out[key] = f.get_tensor(key)
             continue
-        out[key] = torch.empty(0, dtype=dtype).set_(storage, begin // width, info["shape"])
+        with warnings.catch_warnings():  # the map is read-only and nothing writes to these tensors
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(data[begin:end])
+        out[key] = raw.view(dtype).reshape(info["shape"])
     return out
 
 

@@ -16,6 +16,7 @@ from internvit.classification.build import build_backbone
 from internvit.classification.config import ClassificationConfig
 from internvit.classification.evaluate import build_eval_sets, build_train_set, make_scorer
 from internvit.classification.features import (
+    FORMAT_VERSION,
     VARIANTS,
     extract,
     feature_variant,
@@ -57,7 +58,7 @@ def manifest_settings(cfg: ClassificationConfig, transform) -> dict:
     """What the features depend on: a feature folder made with other settings is refused."""
     views = cfg.features.views
     return {
-        "format": 1,
+        "format": FORMAT_VERSION,
         "backbone_file": checkpoint_identity(cfg.backbone.checkpoint),
         "backbone": cfg.backbone.checkpoint,
         "preset": cfg.backbone.preset,
@@ -140,7 +141,9 @@ def run_knn(cfg: ClassificationConfig) -> list[dict]:
         raise InternViTError("features.sets names no test set for kNN", fix="e.g. features.sets=[train,in1k]")
     datasets = build_eval_sets(tests, cfg.data, transform=None)  # ReaL labels and A/R masks; no images read
     manifest = read_manifest(root)
-    bank = train_set_names(manifest.get("views", 0))[0]  # the neighbours: the (first) view of each training image
+    bank = train_set_names(manifest.get("views", 0))[0]  # the neighbours: the center crop, or the first view
+    if bank != "train":
+        log.warning("cls knn: the training features are augmented views (features.views); the bank is view 0")
     train = load_features(root, bank, ["cls", "mean", "cls4"])
     num_classes = manifest["sets"][bank]["num_classes"]
     dist, out = start_run(cfg.output_dir, cfg.device)

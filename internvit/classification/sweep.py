@@ -51,6 +51,7 @@ from internvit.errors import InternViTError
 
 log = logging.getLogger(__name__)
 STORED = ("cls", "mean", "cls4")
+_REEXTRACT = "extract the features again into a new folder (features.out=...)"
 
 
 class FeatureHead(nn.Module):
@@ -195,6 +196,8 @@ def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
     manifest = read_manifest(root)
     names = train_set_names(manifest.get("views", 0))
     views = [FeatureShards(root, name, STORED) for name in names]
+    if any(not torch.equal(view.index, views[0].index) for view in views[1:]):
+        raise InternViTError(f"the views of {root} do not hold the same images in the same order", fix=_REEXTRACT)
     entry = manifest["sets"][names[0]]
     num_classes, embed = entry["num_classes"], manifest["embed_dim"]
     tests = [name for name in cfg.features.sets if name != "train"]
@@ -226,7 +229,7 @@ def run_sweep(cfg: ClassificationConfig) -> dict[str, list[dict]]:
             cosine_lr, base_lr=1.0, total_steps=s.epochs * steps, warmup_steps=s.warmup_epochs * steps
         )
         scheduler = StepScheduler(optimizer, schedule, lag_one_step=t.lr_lag_one_step)
-        held = views[0].rows(held_pos)  # chosen on the first view (the center crop without views)
+        held = views[0].rows(held_pos)  # chosen on the center crop, or with features.views on view 0
         last: dict[str, list] = {}
 
         def evaluate() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 import re
 import types
@@ -59,6 +60,14 @@ def check_range(name: str, value: float, *, low: float | None = None, high: floa
 
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_tensorboard(enabled: bool) -> None:
+    """tensorboard=true needs the tensorboard package: refused when the config is built, on every process."""
+    if enabled and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(
+            "tensorboard=true needs the tensorboard package (pip install tensorboard), or tensorboard=false"
+        )
 
 
 def check_device(device: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import logging
 import os
 import random
@@ -52,7 +53,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-# The Python objects of every process group this process created, kept to the end of the process. A DDP module's
+# The Python objects of the default process groups this process joined, kept to the end of the process (one per
+# init: a process that joins and leaves many times keeps each, idle). A DDP module's
 # reducer holds its group from C++ and, if it were the last holder, would destroy the group while holding the GIL:
 # gloo's destructor joins its worker threads, and a worker still releasing the tensors of the last collective waits
 # for the GIL, so the process hangs at the end of a run (seen under CPU load). Destroyed from its Python object, a
@@ -81,6 +83,15 @@ def init_distributed(device: str = "auto", *, process_group: bool = False) -> Di
     if dist.is_initialized() and dist.group.WORLD not in _LIVE_GROUPS:
         _LIVE_GROUPS.append(dist.group.WORLD)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def release_process_groups() -> None:
+    """Destroy the kept process groups now, from Python (the GIL released while gloo joins its workers), once every
+    module that holds one is gone: at the end of a command, not during interpreter shutdown, where a gloo worker
+    still releasing tensors would abort the process."""
+    gc.collect()  # DDP modules in reference cycles (a traceback's frames) go first
+    _LIVE_GROUPS.clear()
+    gc.collect()
 
 
 def cleanup_distributed() -> None:

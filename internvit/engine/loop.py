@@ -223,17 +223,14 @@ class MetricsLog:
     """Where the main process's metrics records go: `metrics.jsonl`, and with `tensorboard` the numeric fields as
     scalars at the optimizer step (RUN/tensorboard/, one event file per start; a resumed run continues the steps)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resumed_at: int = 0) -> None:
         self.path, self.writer = run_dir / "metrics.jsonl", None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
-            except ImportError as e:
-                raise InternViTError(
-                    "train.tensorboard=true needs the tensorboard package",
-                    fix="pip install tensorboard (or internvit[tensorboard]), or set train.tensorboard=false",
-                ) from e
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if tensorboard:  # the package's presence is checked when the config is built (engine.config)
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+
+            # a resumed run replays the steps after its checkpoint: their old events go, as in metrics.jsonl
+            purge = {"purge_step": resumed_at + 1} if resumed_at else {}
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), **purge)
 
     def write(self, record: dict[str, Any], step: int) -> None:
         append_jsonl(self.path, record)
@@ -276,7 +273,7 @@ def train(
     if state.interval is not None:
         totals.restore(state.interval, dist.rank)
         state.interval = None
-    metrics = MetricsLog(run_dir, tensorboard=settings.tensorboard) if dist.is_main else None
+    metrics = MetricsLog(run_dir, tensorboard=settings.tensorboard, resumed_at=state.step) if dist.is_main else None
     try:
         with StopSignals() as signals:
             _steps(task, settings, checkpointer, objects, state, totals, batches, params, scaler, signals, metrics)

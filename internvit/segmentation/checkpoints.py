@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from internvit.atomic import atomic_path
@@ -302,8 +302,11 @@ def with_saved_settings(cfg: SegmentationConfig) -> SegmentationConfig:
     source = Path(cfg.head.checkpoint).expanduser()
     if not (source.is_file() and source.suffix == ".safetensors"):
         return cfg
-    with safe_open(source, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(source, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return cfg  # unreadable: loading the weights reports it, with its fix
     if "config" not in meta:
         return cfg
     saved, given, default = json.loads(meta["config"]), to_dict(cfg), to_dict(SegmentationConfig())

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from internvit.engine.config import BackboneConfig, check_device, check_range
+from internvit.engine.config import BackboneConfig, check_device, check_range, check_tensorboard
 
 HEAD_KINDS = ("linear", "upernet")
 TEST_RESIZES = ("setr", "keep_ratio")
@@ -150,6 +150,7 @@ class SegmentationConfig:
     def __post_init__(self) -> None:
         """Derive the resolution fields left unset from data.crop; refuse settings that contradict it."""
         check_device(self.device)
+        check_tensorboard(self.tensorboard)
         crop = self.data.crop
         for name, value in (("backbone.img_size", self.backbone.img_size), ("eval.crop", self.eval.crop)):
             if value is not None and value != crop:
