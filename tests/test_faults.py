@@ -170,6 +170,6 @@ def test_print_config_is_the_resolved_config_and_runs_nothing(command, cls, tmp_
 def test_tensorboard_without_its_package_is_a_config_error(tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    message = "tensorboard=true needs the tensorboard package: pip install tensorboard (or tensorboard=false)"
+    message = "tensorboard=true needs the tensorboard package (pip install tensorboard), or tensorboard=false"
     expect(["cls", "train", "tensorboard=true", f"output_dir={tmp_path / 'run'}"], message, capsys)
     expect(["seg", "train", "tensorboard=true", f"output_dir={tmp_path / 'run'}"], message, capsys)
