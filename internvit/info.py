@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from internvit.classification.checkpoints import read_head_file
-from internvit.segmentation.checkpoints import load_segmentation_checkpoint
+from internvit.segmentation.checkpoints import split_segmentor_state
 from internvit.weights.convert import inspect_checkpoint
 from internvit.weights.files import read_checkpoint, read_header
 from internvit.weights.integrity import non_finite_tensors
@@ -63,7 +63,7 @@ def _head(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str])
 
 
 def _segmentor(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> dict[str, object]:
-    _, report = load_segmentation_checkpoint(path)
+    parts = split_segmentor_state(tensors)  # the tensors already read: the file is not read again
     config = json.loads(meta["config"]) if "config" in meta else {}
     head, backbone = config.get("head", {}), config.get("backbone", {})
     return {
@@ -77,7 +77,7 @@ def _segmentor(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, 
         "backbone_frozen": backbone.get("frozen"),
         "crop": config.get("data", {}).get("crop"),
         "iter": int(meta["iter"]) if meta.get("iter", "").isdigit() else None,
-        "tensors_per_part": {part: n for part, n in report.num_tensors.items() if n},
+        "tensors_per_part": {part: len(t) for part, t in parts.items() if t},
         **_common(path, tensors),
     }
 

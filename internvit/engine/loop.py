@@ -233,7 +233,9 @@ class MetricsLog:
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), **purge)
 
     def write(self, record: dict[str, Any], step: int) -> None:
+        """The record in metrics.jsonl (and TensorBoard), and as one rounded log line."""
         append_jsonl(self.path, record)
+        log.info("%s", format_record(record))
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "iter"):
@@ -329,7 +331,6 @@ def _steps(task, settings, checkpointer, objects, state, totals, batches, params
         record = task.log_record(step, info)
         if record is not None and metrics is not None:
             metrics.write(record, done)
-            log.info("%s", format_record(record))
         saved = _boundary(task, done, settings, state, totals, checkpointer, objects, metrics)
         signum = _agree_stop(signals, dist.device)
         if signum is not None:
@@ -385,7 +386,6 @@ def _boundary(task, done, settings, state, totals, checkpointer, objects, metric
     record = task.summarize(done, totals.reduce(), evaluation)
     if record is not None:
         state.history.append(record)
-        log.info("%s", format_record(record))
         if metrics is not None:
             metrics.write(record, done)
     if save:

@@ -36,6 +36,7 @@ Assumptions (the released files are not available to check, §5.9 "exact format 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping
@@ -310,14 +311,14 @@ def with_saved_settings(cfg: SegmentationConfig) -> SegmentationConfig:
     if "config" not in meta:
         return cfg
     saved, given, default = json.loads(meta["config"]), to_dict(cfg), to_dict(SegmentationConfig())
-    merged = json.loads(json.dumps(given))
+    merged = copy.deepcopy(given)
     conflicts = []
     for name in SAVED_SETTINGS:
         *path, key = name.split(".")
         stored, mine, base = (_section(d, path)[key] for d in (saved, given, default))
         if name == "head":  # the head section but its checkpoint: that is the file itself
             stored = {**stored, "checkpoint": mine["checkpoint"]}
-            base = {**_section(default, path)[key], "checkpoint": mine["checkpoint"]}
+            base = {**base, "checkpoint": mine["checkpoint"]}
         conflicts += _conflicts(name, stored, mine, base)
         _section(merged, path)[key] = stored
     if conflicts:
